@@ -1,0 +1,1 @@
+"""Flax NNX models: CLIP vision tower, LLaMA decoder, projectors and LLaVA."""

@@ -1,0 +1,170 @@
+"""LLaMA / Vicuna decoder: RMSNorm, RoPE attention (multi-head or grouped-query), SwiGLU MLP, KV cache.
+
+Masking has three modes, chosen by the arguments of `LlamaModel.decode`:
+- training (right padding): no `kv_mask`, no cache -> plain causal attention (cuDNN on GPU); padded positions
+  are after every real token so they are never attended to, and their outputs are ignored by the loss;
+- padded batches (left or right padding) without a cache: `kv_mask` bool[B, T] marks real tokens;
+- generation with a KV cache of S slots: `kv_mask` bool[B, S] marks slots holding real tokens, the new tokens are
+  written at slots [cache_index, cache_index + T) and attend to slots <= their own.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from llava_jax.models import layers
+from llava_jax.models.config import RuntimeConfig, TextConfig
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: dtype[L, B, S, K, H] each."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype) -> "KVCache":
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_size)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class LlamaAttention(nnx.Module):
+  """Self-attention with RoPE on q/k; `num_key_value_heads < num_attention_heads` gives grouped-query."""
+
+  def __init__(self, cfg: TextConfig, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
+    dt, pdt = layers.dtype_of(runtime.dtype), layers.dtype_of(runtime.param_dtype)
+    self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    self.implementation = layers.attention_implementation(runtime)
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=cfg.attention_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    d = cfg.hidden_size
+    self.q_proj = linear(d, self.n_heads * self.head_dim)
+    self.k_proj = linear(d, self.n_kv * self.head_dim)
+    self.v_proj = linear(d, self.n_kv * self.head_dim)
+    self.o_proj = linear(self.n_heads * self.head_dim, d)
+
+  def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
+    """x [B, T, D]; cos/sin [B, T, H]; mask bool[B, 1, T, S] or None (causal); cache_kv ([B, S, K, H] x 2) or None.
+
+    Returns ([B, T, D], updated cache_kv or None).
+    """
+    b, t, _ = x.shape
+    q = layers.apply_rope(self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim), cos, sin)
+    k = layers.apply_rope(self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim), cos, sin)
+    v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim)
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      cache_kv = (k, v)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    out = layers.attention(q, k, v, implementation=self.implementation, causal=mask is None, mask=mask)
+    out = checkpoint_name(out, "attn_out")
+    return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache_kv
+
+
+class LlamaMLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: TextConfig, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
+    dt, pdt = layers.dtype_of(runtime.dtype), layers.dtype_of(runtime.param_dtype)
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+    self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+    self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, T, D] -> [B, T, D]."""
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
+    pdt = layers.dtype_of(runtime.param_dtype)
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+    self.self_attn = LlamaAttention(cfg, runtime, rngs=rngs)
+    self.mlp = LlamaMLP(cfg, runtime, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
+    attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+    x = x + attn_out
+    mlp_out = checkpoint_name(self.mlp(self.post_attention_layernorm(x)), "mlp_out")
+    return x + mlp_out, cache_kv
+
+
+class LlamaModel(nnx.Module):
+  """Token embeddings, decoder layers (stacked parameters [L, ...]), final norm and LM head."""
+
+  def __init__(self, cfg: TextConfig, runtime: RuntimeConfig = RuntimeConfig(), *, rngs: nnx.Rngs):
+    self.cfg, self.runtime = cfg, runtime
+    dt, pdt = layers.dtype_of(runtime.dtype), layers.dtype_of(runtime.param_dtype)
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.layers = layers.make_stack(lambda r: LlamaDecoderLayer(cfg, runtime, rngs=r), cfg.num_hidden_layers,
+                                    rngs)
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                                rngs=rngs)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """int32[B, T] -> [B, T, D] (compute dtype)."""
+    return self.embed_tokens(input_ids)
+
+  def decode(self, x: jax.Array, positions: jax.Array, *, kv_mask: jax.Array | None = None,
+             cache: KVCache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder layers and the final norm.
+
+    Args:
+      x: [B, T, D] input embeddings.
+      positions: int32[B, T] RoPE positions.
+      kv_mask: bool[B, S] real-token slots (S = T without a cache, the cache length with one); None = causal only.
+      cache: KVCache with S slots, or None.
+      cache_index: slot of the first of the T new tokens.
+    Returns:
+      ([B, T, D] normed hidden states, the updated cache or None).
+    """
+    inv_freq = layers.rope_inverse_frequencies(self.cfg.head_size, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
+    cos, sin = layers.rope_cos_sin(positions, inv_freq)
+    mask = None
+    if kv_mask is not None or cache is not None:
+      t = x.shape[1]
+      s = cache.k.shape[2] if cache is not None else t
+      query_slot = cache_index + jnp.arange(t)
+      mask = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+      mask = mask[None, None]
+      if kv_mask is not None:
+        mask = mask & kv_mask[:, None, None, :]
+
+    def body(layer, h, layer_cache):
+      h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index)
+      return h, layer_cache
+
+    xs = (cache.k, cache.v) if cache is not None else None
+    x, new_kv = layers.run_stack(self.layers, body, x, xs, num_layers=self.cfg.num_hidden_layers,
+                                 scan=self.runtime.scan_layers, remat_policy=self.runtime.remat_policy)
+    return self.norm(x), (KVCache(*new_kv) if cache is not None else None)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, V] in the compute dtype."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Full forward pass: int32[B, T] (bool[B, T] real tokens, any padding side) -> logits [B, T, V]."""
+    if positions is None:
+      positions = default_positions(attention_mask, input_ids.shape)
+    hidden, _ = self.decode(self.embed(input_ids), positions, kv_mask=attention_mask)
+    return self.logits(hidden)
+
+
+def default_positions(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+  """int32[B, T] positions counting real tokens only (so left padding does not shift RoPE), as transformers."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
