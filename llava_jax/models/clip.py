@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax import sharding
 from llava_jax.models import layers
 from llava_jax.models.config import RuntimeConfig, VisionConfig
 
@@ -99,7 +100,7 @@ class CLIPVisionTransformer(nnx.Module):
     x = self.embed(images)
 
     def body(layer, h, _):
-      h = layer(h)
+      h = sharding.constrain_batch(layer(sharding.constrain_batch(h)))
       return h, (h if return_all else None)
 
     out, ys = layers.run_stack(self.layers, body, x, num_layers=num_layers, scan=self.runtime.scan_layers,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from llava_jax import sharding
 from llava_jax.models import layers
 from llava_jax.models.config import RuntimeConfig, TextConfig
 
@@ -140,8 +141,8 @@ class LlamaModel(nnx.Module):
         mask = mask & kv_mask[:, None, None, :]
 
     def body(layer, h, layer_cache):
-      h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index)
-      return h, layer_cache
+      h, layer_cache = layer(sharding.constrain_batch(h), cos, sin, mask, layer_cache, cache_index)
+      return sharding.constrain_batch(h), layer_cache
 
     xs = (cache.k, cache.v) if cache is not None else None
     x, new_kv = layers.run_stack(self.layers, body, x, xs, num_layers=self.cfg.num_hidden_layers,

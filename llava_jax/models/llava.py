@@ -58,7 +58,7 @@ def splice(input_ids: jax.Array, attention_mask: jax.Array, text_embeds: jax.Arr
 
   out = jnp.arange(out_len)[None, :]
   offset = (out_len - jnp.minimum(total, out_len))[:, None] if pad_left else 0
-  pos = out - offset  # [B, L] position within the expanded sample
+  pos = jnp.broadcast_to(out - offset, (b, out_len))  # [B, L] position within the expanded sample
   out_valid = (pos >= 0) & (pos < total[:, None])
   pos = jnp.clip(pos, 0, None)
   src = jax.vmap(lambda e, p: jnp.searchsorted(e, p, side="right"))(end, pos)  # [B, L] source token
