@@ -43,6 +43,12 @@ followed by nothing, so the loss is the same). A sample left without a supervise
 
 Resuming: the iterator's `get_state()/set_state()` (JSON-able; orbax via `grain.checkpoint.CheckpointSave`)
 restore the exact position and the skip counts.
+
+Workers: grain starts them with 'spawn', so a script that sets worker_count > 0 needs the
+`if __name__ == '__main__':` guard, and the records, the tokenizer and the transform are pickled to each worker.
+Samples cross to the main process as float32 images; the batch is assembled there (a copy per batch).
+Every process reads every data file's text (JSON path); at pod scale prefer the TFDS folders (`tfds_llava`),
+which are read by random access.
 """
 from __future__ import annotations
 
@@ -124,8 +130,8 @@ def image_buckets(cfg: DataConfig) -> tuple[int, ...]:
   """The allowed image counts per batch, ascending."""
   b = cfg.batch_size
   buckets = cfg.image_buckets if cfg.image_buckets is not None else (0, -(-b // 4), -(-b // 2), b)
-  if not buckets or any(n < 0 for n in buckets) or max(buckets) == 0 and len(buckets) > 1:
-    raise ValueError(f"image_buckets {buckets} must be counts >= 0, not all 0")
+  if not buckets or any(n < 0 for n in buckets):
+    raise ValueError(f"image_buckets {buckets} must be counts >= 0")
   return tuple(sorted(set(buckets)))
 
 

@@ -333,3 +333,40 @@ def test_config_forms(corpus, tokenizer, tiny_model_config):
     pipeline.make_data_config(cd, bad_input="ignore")
   it = pipeline.make_train_iterator(cd, tokenizer, tiny_model_config, process_index=0, process_count=1)
   assert next(it)["input_ids"].shape[0] == 3
+
+
+def test_num_epochs_none_repeats(corpus, tokenizer, tiny_model_config):
+  kw = dict(shuffle=True, seed=9, batch_size=3, max_length=64, length_buckets=(64,))
+  _, two = _batches(corpus, tokenizer, tiny_model_config, num_epochs=2, **kw)
+  it = pipeline.make_train_iterator(_config(corpus, num_epochs=None, **kw), tokenizer, tiny_model_config,
+                                    process_index=0, process_count=1)
+  _assert_same([next(it) for _ in range(len(two) + 4)][:len(two)], two)
+
+
+def test_batches_fit_the_model_splice(corpus, tokenizer, tiny_model_config):
+  """The model's `splice` turns each batch into exactly LLaVA's expanded rows, images in placeholder order."""
+  import jax.numpy as jnp
+  from llava_jax.models import llava
+  _, batches = _batches(corpus, tokenizer, tiny_model_config, corpus["bad_jsonl"], drop_remainder=False)
+  dim = 5
+  for batch in batches:
+    b, length = batch["input_ids"].shape
+    text = np.random.default_rng(0).normal(size=(b, length, dim)).astype(np.float32)
+    count = batch["images"].shape[0]
+    # Image k's features: its index in every entry, so the positions show which image landed there.
+    feats = np.broadcast_to(np.arange(count, dtype=np.float32)[:, None, None] + 1000, (count, N, dim))
+    out = llava.splice(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), jnp.asarray(text),
+                       jnp.asarray(feats) if count else None, jnp.asarray(batch["labels"]))
+    image = 0
+    for r in range(b):
+      n_tok = batch["num_tokens"][r]
+      assert np.asarray(out.mask[r]).sum() == n_tok
+      t = batch["attention_mask"][r].sum()
+      expected = _expand(batch["input_ids"][r, :t], batch["labels"][r, :t])
+      np.testing.assert_array_equal(np.asarray(out.labels[r, :n_tok]), expected)
+      where = np.flatnonzero(np.repeat(batch["input_ids"][r, :t] == IMAGE_TOKEN_INDEX,
+                                       np.where(batch["input_ids"][r, :t] == IMAGE_TOKEN_INDEX, N, 1)))
+      got = np.asarray(out.embeds[r, where, 0]).reshape(-1, N)
+      want = np.repeat(np.arange(image, image + batch["num_images"][r]) + 1000.0, N).reshape(-1, N)
+      np.testing.assert_array_equal(got, want)
+      image += batch["num_images"][r]
