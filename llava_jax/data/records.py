@@ -165,10 +165,13 @@ def parse_record(text: str, source: str) -> ParsedRecord:
   return ParsedRecord(id=rid, conversations=turns, images=images)
 
 
-def estimate_length(text: str) -> tuple[int, bool]:
-  """(number of whitespace-separated words of all turns, has an image): LLaVA's key for modality grouping."""
+def estimate_length(record: Any) -> tuple[int, bool]:
+  """(number of whitespace-separated words of all turns, has an image): LLaVA's key for modality grouping.
+
+  `record` is the record's JSON text or its parsed object; a malformed record counts as (0, False).
+  """
   try:
-    obj = json.loads(text)
+    obj = json.loads(record) if isinstance(record, str) else record
     turns = obj["conversations"]
     words = sum(len(t["value"].split()) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
     return words, obj.get("image") is not None
@@ -176,8 +179,8 @@ def estimate_length(text: str) -> tuple[int, bool]:
     return 0, False
 
 
-def read_record_texts(path: str) -> list[tuple[str, str]]:
-  """[(source, record JSON text)] of a JSON list or JSONL file, in file order.
+def read_records(path: str) -> list[tuple[str, str, Any]]:
+  """[(source, record JSON text, parsed object or None if the text is not JSON)] of a JSON list or JSONL file.
 
   A JSON list must parse as a whole (a broken list file raises ValueError naming it); a JSONL line that does
   not parse is kept as it is and reported as `malformed_json` where it is used. Blank JSONL lines are not records.
@@ -193,8 +196,22 @@ def read_record_texts(path: str) -> list[tuple[str, str]]:
       items = json.loads(content)
     except ValueError as e:
       raise ValueError(f"{path} is not a valid JSON list: {e}") from None
-    return [(f"{path}[{i}]", json.dumps(item, ensure_ascii=False)) for i, item in enumerate(items)]
-  return [(f"{path}:{n}", line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+    return [(f"{path}[{i}]", json.dumps(item, ensure_ascii=False), item) for i, item in enumerate(items)]
+  out = []
+  for n, line in enumerate(content.splitlines(), 1):
+    line = line.strip()
+    if line:
+      try:
+        obj = json.loads(line)
+      except ValueError:
+        obj = None
+      out.append((f"{path}:{n}", line, obj))
+  return out
+
+
+def read_record_texts(path: str) -> list[tuple[str, str]]:
+  """[(source, record JSON text)] of a JSON list or JSONL file, in file order (see `read_records`)."""
+  return [(source, text) for source, text, _ in read_records(path)]
 
 
 class JsonSource:
@@ -206,12 +223,12 @@ class JsonSource:
   def __init__(self, path: str, image_folder: str | None = None):
     self.path = os.fspath(path)
     self.image_folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(self.path)
-    items = read_record_texts(self.path)
-    encoded = [text.encode("utf-8") for _, text in items]
-    self._sources = [source for source, _ in items]
+    items = read_records(self.path)
+    encoded = [text.encode("utf-8") for _, text, _ in items]
+    self._sources = [source for source, _, _ in items]
     self._blob = b"".join(encoded)
     self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
-    est = [estimate_length(text) for _, text in items]
+    est = [estimate_length(obj) for _, _, obj in items]
     self.lengths = np.array([w for w, _ in est], np.int32)  # int32[N] word counts
     self.has_image = np.array([m for _, m in est], bool)  # bool[N]
 

@@ -71,13 +71,13 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     cfg = self.builder_config
     folder = cfg.image_folder if cfg.image_folder is not None else os.path.dirname(cfg.json_path)
-    items = records.read_record_texts(cfg.json_path)
-    est = [records.estimate_length(text) for _, text in items]
+    items = records.read_records(cfg.json_path)
+    est = [records.estimate_length(obj) for _, _, obj in items]
     self.info.metadata["lengths"] = [int(w) for w, _ in est]
     self.info.metadata["has_image"] = [bool(m) for _, m in est]
     self.info.metadata["json_path"] = os.path.abspath(cfg.json_path)
     stats = records.SkipStats("skip")
-    for i, (source, text) in enumerate(items):
+    for i, (source, text, _) in enumerate(items):
       try:
         names = records.parse_record(text, source).images
       except records.BadRecord as e:  # kept as it is: the pipeline reports it
