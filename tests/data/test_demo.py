@@ -15,6 +15,7 @@ import pytest
 from scipy import ndimage
 
 from llava_jax.data import demo
+from llava_jax.models.config import IGNORE_INDEX
 
 SIZES = dict(num_stage1=40, num_stage2=150, num_heldout=300)
 
@@ -250,3 +251,38 @@ def test_cli_write_and_score(tmp_path, capsys):
   assert demo.main(["score", "--answers", str(preds), "--truth", str(tmp_path / "heldout_answers.jsonl")]) == 0
   lines = dict(line.split() for line in capsys.readouterr().out.splitlines())
   assert lines["count"] == "0.00%" and lines["color"] == "100.00%" and lines["all"] == "80.00%"
+
+
+def _supervised_spans(labels):
+  """Runs of supervised label ids (the assistant answers), in order."""
+  spans, current = [], []
+  for t in labels:
+    if t == IGNORE_INDEX:
+      if current:
+        spans.append(current)
+      current = []
+    else:
+      current.append(int(t))
+  return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("split, template", [("stage1", "plain"), ("stage2", "vicuna_v1")])
+def test_loads_through_the_training_pipeline(tmp_path, tokenizer, tiny_model_config, split, template):
+  """Every record becomes a training row (strict bad-input policy) whose supervised tokens are its answers."""
+  from llava_jax.data import pipeline
+  paths = demo.write_demo_dataset(tmp_path, seed=2, num_stage1=12, num_stage2=30, num_heldout=5, image_size=28)
+  with open(paths[split]) as f:
+    data = json.load(f)
+  config = dict(data_files=[{"path": paths[split], "image_folder": paths["image_folder"]}], template=template,
+                max_length=256, batch_size=8, shuffle=False, num_epochs=1, read_threads=1, bad_input="strict")
+  seen = []
+  for batch in pipeline.make_eval_iterator(config, tokenizer, tiny_model_config, process_index=0,
+                                           process_count=1):
+    assert batch["images"].shape[1:] == (28, 28, 3)
+    for b in np.nonzero(batch["row_valid"])[0]:
+      record = data[int(batch["record_index"][b])]
+      spans = _supervised_spans(batch["labels"][b])
+      answers = [t["value"] for t in record["conversations"][1::2]]
+      assert [tokenizer.decode(s, skip_special_tokens=True).strip() for s in spans] == answers
+      seen.append(int(batch["record_index"][b]))
+  assert sorted(seen) == list(range(len(data)))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from llava_jax import llm_client
@@ -160,16 +162,57 @@ def test_instruct_cli(tmp_path, kind, capsys):
       assert turns[-1]["value"] == f"A{len(turns) // 2 - 1} for image {image}."
   malformed = llm_client.read_jsonl(str(out) + ".malformed.jsonl")
   assert [m["id"] for m in malformed] == [f"{MALFORMED_IMAGE}-{kind}"] and malformed[0]["reason"]
-  records_from_pipeline_reader(out)
 
 
-def records_from_pipeline_reader(path):
-  """The output reads through the training pipeline's record parser without a skip (strict policy)."""
-  from llava_jax.data import records
-  source = records.open_source(records.DataFile(str(path), image_folder=os.path.dirname(path)))
-  parsed = list(records.iter_parsed(source, policy="strict"))
-  assert len(parsed) == len(json.loads(open(path).read()))
-  assert all(len(p.images) == 1 for p in parsed)
+@pytest.fixture(scope="module")
+def tokenizer(llama_tokenizer_dir):
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
+
+
+def _pipeline_rows(path, image_folder, template, tokenizer):
+  """(record index, supervised label spans) of every row the training pipeline makes (strict policy)."""
+  from llava_jax.data import pipeline
+  from llava_jax.models.config import IGNORE_INDEX, ModelConfig, VisionConfig
+  model_config = ModelConfig(vision=VisionConfig(image_size=28, patch_size=14, hidden_size=8, intermediate_size=16,
+                                                 num_hidden_layers=1, num_attention_heads=2))
+  config = dict(data_files=[{"path": str(path), "image_folder": str(image_folder)}], template=template,
+                max_length=256, batch_size=4, shuffle=False, num_epochs=1, read_threads=1, bad_input="strict")
+  rows = []
+  for batch in pipeline.make_eval_iterator(config, tokenizer, model_config, process_index=0, process_count=1):
+    for b in np.nonzero(batch["row_valid"])[0]:
+      labels = batch["labels"][b]
+      breaks = np.flatnonzero(np.diff(np.r_[0, labels != IGNORE_INDEX, 0]))
+      spans = [labels[i:j].tolist() for i, j in zip(breaks[::2], breaks[1::2])]
+      rows.append((int(batch["record_index"][b]), spans))
+  return sorted(rows)
+
+
+def test_outputs_load_through_the_training_pipeline(tmp_path, tokenizer):
+  caps, inst = write_coco(tmp_path)
+  image_folder = tmp_path / "images"
+  (image_folder / "coco").mkdir(parents=True)
+  for i in range(1, NUM_IMAGES + 1):
+    Image.new("RGB", (40, 30), (10 * i, 100, 200)).save(image_folder / "coco" / f"{i:012d}.jpg")
+  with FakeChatServer(responder()) as server:
+    for kind in ("conversation", "detail"):
+      out = tmp_path / f"{kind}.json"
+      assert datagen_main.main(_argv(caps, inst, kind, out, server)) == 0
+      data = json.loads(out.read_text())
+      rows = _pipeline_rows(out, image_folder, "vicuna_v1", tokenizer)
+      assert [i for i, _ in rows] == list(range(len(data))) and len(data) == NUM_IMAGES - 2
+      for i, spans in rows:
+        answers = [t["value"] for t in data[i]["conversations"][1::2]]
+        assert [tokenizer.decode(s, skip_special_tokens=True).strip() for s in spans] == answers
+  out = tmp_path / "stage1.json"
+  assert datagen_main.main(["captions", "--input", str(caps), "--output", str(out), "--image-prefix",
+                            "coco/"]) == 0
+  data = json.loads(out.read_text())
+  rows = _pipeline_rows(out, image_folder, "plain", tokenizer)
+  assert [i for i, _ in rows] == list(range(len(data))) and len(data) == 2 * (NUM_IMAGES - 1)
+  for i, spans in rows:
+    assert [tokenizer.decode(s, skip_special_tokens=True).strip() for s in spans] == [
+        data[i]["conversations"][1]["value"]]
 
 
 def test_failed_request_is_left_for_the_next_run(tmp_path, capsys):
