@@ -61,7 +61,10 @@ from absl import logging
 import grain
 import numpy as np
 
+from llava_jax.data import images
 from llava_jax.data import records
+from llava_jax.data import templates
+from llava_jax.data import tokenize
 from llava_jax.models.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
@@ -120,7 +123,7 @@ def make_data_config(config: Any = None, **overrides) -> DataConfig:
 
 def length_buckets(cfg: DataConfig) -> tuple[int, ...]:
   """The allowed batch lengths, ascending, ending with max_length."""
-  buckets = cfg.length_buckets or (cfg.max_length // 4, cfg.max_length // 2)
+  buckets = cfg.length_buckets or (max(cfg.max_length // 4, 1), max(cfg.max_length // 2, 1))
   if any(b > cfg.max_length or b < 1 for b in buckets):
     raise ValueError(f"length_buckets {buckets} must lie in [1, max_length={cfg.max_length}]")
   return tuple(sorted(set(buckets) | {cfg.max_length}))
@@ -262,7 +265,6 @@ class SampleTransform:
     return out
 
   def _load_images(self, parsed: records.ParsedRecord, element: dict[str, Any]) -> list[Any]:
-    from llava_jax.data import images  # pylint: disable=g-import-not-at-top
     loaded = []
     data = element.get("image_data")
     for k, name in enumerate(parsed.images):
@@ -295,7 +297,6 @@ class SampleTransform:
       return self._empty(id=parsed.id, source=source, index=index, skip_reason=e.reason, skip_detail=e.detail)
 
   def _encode(self, parsed: records.ParsedRecord, element: dict[str, Any]) -> dict[str, Any]:
-    from llava_jax.data import images, templates, tokenize  # pylint: disable=g-import-not-at-top
     source = element["source"]
     pil_images = self._load_images(parsed, element)
     if self._template is None:
@@ -318,8 +319,13 @@ class SampleTransform:
     if not np.any(labels != IGNORE_INDEX):
       raise records.BadRecord("too_long", f"{source}: no supervised token left after truncation to "
                               f"{self.max_length} positions (images take {self.image_seq_length} each)")
-    pixels = [images.preprocess_image(img, image_size=self.image_size, aspect=self.aspect, mean=self.image_mean,
-                                      std=self.image_std) for img in pil_images[:kept]]
+    pixels = []
+    for name, img in zip(parsed.images, pil_images[:kept]):
+      try:
+        pixels.append(images.preprocess_image(img, image_size=self.image_size, aspect=self.aspect,
+                                              mean=self.image_mean, std=self.image_std))
+      except ValueError as e:  # e.g. an empty image; the settings were checked in make_dataset
+        raise records.BadRecord("bad_image", f"{source}: image {name!r}: {e}") from None
     pixels = (np.stack(pixels).astype(np.float32) if pixels
               else np.zeros([0, self.image_size, self.image_size, 3], np.float32))
     return self._empty(id=parsed.id, source=source, index=element["index"], input_ids=input_ids, labels=labels,
@@ -440,9 +446,14 @@ def make_dataset(config: Any, tokenizer, model_config, *, train: bool = True, pr
       batch_size=cfg.batch_size, num_epochs=cfg.num_epochs if train else 1, process_index=process_index,
       process_count=process_count, pad_shards=not train)
   image_size = cfg.image_size or model_config.vision.image_size
+  aspect = cfg.aspect or model_config.image_aspect_ratio
+  if aspect not in ("square", "pad"):
+    raise ValueError(f"image aspect must be 'square' or 'pad', got {aspect!r}")
+  template = cfg.template or model_config.template
+  templates.get_template(template)  # an unknown name fails here, not in a worker
   transform = SampleTransform(
-      tokenizer, template=cfg.template or model_config.template, image_seq_length=model_config.image_seq_length,
-      max_length=cfg.max_length, image_size=image_size, aspect=cfg.aspect or model_config.image_aspect_ratio,
+      tokenizer, template=template, image_seq_length=model_config.image_seq_length,
+      max_length=cfg.max_length, image_size=image_size, aspect=aspect,
       image_mean=cfg.image_mean or model_config.image_mean, image_std=cfg.image_std or model_config.image_std,
       move_image_to_front=cfg.move_image_to_front)
   ds = grain.MapDataset.source(order).map(transform)

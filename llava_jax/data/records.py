@@ -30,6 +30,8 @@ from typing import Any, Iterable, Sequence
 from absl import logging
 import numpy as np
 
+from llava_jax.data import tokenize
+
 REASONS = (
     "malformed_json",  # a JSONL line that is not JSON
     "malformed_record",  # not an object, no/odd `conversations`, a turn without string `from`/`value`, bad `image`
@@ -126,7 +128,6 @@ def record_id(text: str, source: str) -> str:
 
 def parse_record(text: str, source: str) -> ParsedRecord:
   """Parses and validates one record's JSON text; raises `BadRecord` (reason, detail) if it is unusable."""
-  from llava_jax.data import tokenize  # pylint: disable=g-import-not-at-top
   try:
     obj = json.loads(text)
   except ValueError as e:

@@ -333,6 +333,11 @@ def test_config_forms(corpus, tokenizer, tiny_model_config):
     pipeline.make_data_config(cd, bad_input="ignore")
   it = pipeline.make_train_iterator(cd, tokenizer, tiny_model_config, process_index=0, process_count=1)
   assert next(it)["input_ids"].shape[0] == 3
+  for bad, match in (({"template": "vicuna_v9"}, "unknown conversation template"), ({"aspect": "crop"}, "aspect")):
+    with pytest.raises(ValueError, match=match):  # at construction, not in a worker
+      pipeline.make_train_iterator(cd, tokenizer, tiny_model_config, process_index=0, process_count=1, **bad)
+  with pytest.raises(ValueError, match="cannot be shared by 20 processes"):
+    pipeline.make_train_iterator(cd, tokenizer, tiny_model_config, process_index=0, process_count=20)
 
 
 def test_num_epochs_none_repeats(corpus, tokenizer, tiny_model_config):
