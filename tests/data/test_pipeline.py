@@ -375,3 +375,10 @@ def test_batches_fit_the_model_splice(corpus, tokenizer, tiny_model_config):
       want = np.repeat(np.arange(image, image + batch["num_images"][r]) + 1000.0, N).reshape(-1, N)
       np.testing.assert_array_equal(got, want)
       image += batch["num_images"][r]
+
+
+def test_read_threads_change_nothing(corpus, tokenizer, tiny_model_config):
+  kw = dict(shuffle=True, seed=2, batch_size=3, num_epochs=2)
+  _, one = _batches(corpus, tokenizer, tiny_model_config, corpus["bad_jsonl"], read_threads=1, **kw)
+  _, four = _batches(corpus, tokenizer, tiny_model_config, corpus["bad_jsonl"], read_threads=4, **kw)
+  _assert_same(four, one)
