@@ -1,0 +1,1 @@
+"""Data: LLaVA conversations, templates, tokenisation, images and input pipelines."""
