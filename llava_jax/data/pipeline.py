@@ -197,24 +197,26 @@ class EpochOrderSource:
       raise ValueError(f"{total} record(s) per epoch cannot be shared by {process_count} processes")
     epochs = num_epochs if num_epochs is not None else sys.maxsize // (2 * self.per_epoch)
     self._len = self.per_epoch * epochs
-    self._cached_epoch, self._cached = -1, None
+    self._cache = {}  # epoch -> order, the last two; replaced whole, as reader threads share it
 
   def __len__(self) -> int:
     return self._len
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """int64[per_epoch]: global record indices this process reads in `epoch` (-1: padding)."""
-    if epoch != self._cached_epoch:
-      rng = np.random.default_rng([self._seed, epoch])
-      idx = self._mixture.epoch_indices(rng)
-      if self._group:
-        idx = modality_grouped_order(idx, self._mixture.lengths, self._mixture.has_image, self._megabatch, rng)
-      elif self._shuffle:
-        idx = rng.permutation(idx)
-      mine = idx[self._p::self._pcount][:self.per_epoch]
-      self._cached = np.pad(mine, (0, self.per_epoch - len(mine)), constant_values=-1)
-      self._cached_epoch = epoch
-    return self._cached
+    cache = self._cache
+    if epoch in cache:
+      return cache[epoch]
+    rng = np.random.default_rng([self._seed, epoch])
+    idx = self._mixture.epoch_indices(rng)
+    if self._group:
+      idx = modality_grouped_order(idx, self._mixture.lengths, self._mixture.has_image, self._megabatch, rng)
+    elif self._shuffle:
+      idx = rng.permutation(idx)
+    mine = idx[self._p::self._pcount][:self.per_epoch]
+    order = np.pad(mine, (0, self.per_epoch - len(mine)), constant_values=-1)
+    self._cache = {**{e: o for e, o in cache.items() if e == epoch - 1}, epoch: order}
+    return order
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     epoch, k = divmod(int(i), self.per_epoch)
