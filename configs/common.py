@@ -1,0 +1,58 @@
+"""Fields shared by every training config (see the README's table for LLaVA's train.py flags)."""
+import os
+
+import ml_collections
+
+import llava_jax
+
+PACKAGE_DIR = os.path.dirname(llava_jax.__file__)
+LLAMA_TOKENIZER = os.path.join(PACKAGE_DIR, "assets", "llama_tokenizer")
+
+
+def tiny_model(image_size=28, hidden=64, layers=2, vocab=32000, template="vicuna_v1", aspect="pad"):
+  """A CPU-sized LLaVA (random init) with the real LLaMA tokenizer's vocabulary."""
+  return ml_collections.ConfigDict(dict(
+      vision=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=14),
+      text=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
+      projector_type="mlp2x_gelu", vision_feature_layer=-2, vision_feature_select="patch",
+      template=template, image_aspect_ratio=aspect))
+
+
+def base(stage: int) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.init_model = ""  # model folder to start from ('' = random init from `model`, for tiny/demo configs)
+  c.model = tiny_model()
+  c.tokenizer = LLAMA_TOKENIZER  # used with random init only; a model folder brings its own
+  c.trainable = ()  # () = the stage's default: stage 1 projector; stage 2 projector + language_model
+  c.seed = 0
+
+  c.batch_size = 128  # global, all processes and micro-batches together
+  c.accum_steps = 1
+  c.num_epochs = 1.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=2e-5, warmup_ratio=0.03, warmup_steps=-1, schedule="cosine", weight_decay=0.0, b1=0.9,
+      b2=0.999, eps=1e-8, max_grad_norm=1.0, state_dtype="float32"))
+
+  c.data = ml_collections.ConfigDict(dict(
+      data_files="", image_folder="", template="vicuna_v1", max_length=2048, length_buckets=(512, 1024, 1536, 2048),
+      aspect="pad", seed=0, shuffle=True, group_by_modality_length=True, bad_input="skip",
+      move_image_to_front=True, worker_count=0, read_threads=2))
+  c.eval_data_files = ""  # held-out split (same image_folder)
+  c.eval_every = 0
+  c.eval_batch_size = 8
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.runtime = ml_collections.ConfigDict(dict(
+      param_dtype="float32", dtype="bfloat16", attention_impl="", remat_policy="none", scan_layers=True))
+  c.loss_chunk = 1024
+
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.checkpoint_keep = 3
+  c.async_checkpoint = True
+  return c

@@ -1,0 +1,252 @@
+"""The stage-1 / stage-2 trainer: one loop over a device mesh.
+
+    model folder (or random init) -> split trainable / frozen -> shard on the mesh
+    grain batches -> global arrays -> jitted step (donated state) -> metrics, eval, checkpoints
+    -> model folder (+ projector.safetensors for stage 1)
+
+Resuming: a workdir with checkpoints restarts from the latest one (state + data iterator position), so the
+loss sequence and the final parameters equal those of an uninterrupted run. SIGTERM / SIGINT save and exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llava_jax import model_folder, sharding
+from llava_jax.data import pipeline, records
+from llava_jax.models import loaders
+from llava_jax.models.config import ModelConfig, RuntimeConfig
+from llava_jax.models.llava import LlavaModel
+from llava_jax.train import checkpoint as ckpt_lib
+from llava_jax.train import metrics as metrics_lib
+from llava_jax.train import optim
+from llava_jax.train.step import TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  model_dir: str | None
+  losses: list[float]
+  interrupted: bool = False
+
+
+def build_model(config: ml_collections.ConfigDict, runtime: RuntimeConfig, mesh) -> tuple[LlavaModel, Any]:
+  """The starting model (sharded on the mesh) and its tokenizer."""
+  if config.init_model:
+    model = model_folder.load_model(config.init_model, runtime, mesh=mesh)
+    return model, model_folder.load_tokenizer(config.init_model)
+  cfg = ModelConfig.from_dict(config.model.to_dict())
+  model = LlavaModel(cfg, runtime, rngs=nnx.Rngs(config.seed))
+  sharding.shard_model(model, mesh)
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  return model, AutoTokenizer.from_pretrained(config.tokenizer)
+
+
+def data_config(config: ml_collections.ConfigDict, files: Any, **overrides) -> dict:
+  """The pipeline's settings: `data` with `image_folder` (LLaVA's --image_folder) applied to plain paths."""
+  cfg = config.data.to_dict()
+  image_folder = cfg.pop("image_folder", "")
+  specs = files if isinstance(files, (list, tuple)) else [files]
+  cfg["data_files"] = [{"path": f, "image_folder": image_folder or None} if isinstance(f, str) else dict(f)
+                       for f in specs]
+  return cfg | overrides
+
+
+def total_train_steps(config: ml_collections.ConfigDict) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  num_records = len(records.MixtureSource.from_files(data_config(config, config.data.data_files)["data_files"]))
+  return max(1, math.floor(num_records * config.num_epochs / config.batch_size))
+
+
+class BatchFeeder:
+  """Turns this process's grain batches into global arrays [accum, B, ...] sharded over ('data', 'fsdp')."""
+
+  KEYS = ("input_ids", "labels", "attention_mask", "images")
+
+  def __init__(self, iterator, mesh, accum_steps: int):
+    self.iterator, self.mesh, self.accum = iterator, mesh, accum_steps
+
+  def _sharding(self, shape) -> NamedSharding:
+    return NamedSharding(self.mesh, sharding._fit(P(None, sharding.BATCH), shape, self.mesh))
+
+  def next(self) -> tuple[dict[str, jax.Array], int]:
+    """-> (global batch, number of real token positions in this process's part)."""
+    micro = [next(self.iterator) for _ in range(self.accum)]
+    length = max(m["input_ids"].shape[1] for m in micro)
+    n_images = max(m["images"].shape[0] for m in micro)
+    if jax.process_count() > 1:  # every process must build the same global shapes
+      length, n_images = (int(x) for x in multihost_utils.process_allgather(
+          np.array([length, n_images])).max(axis=0))
+    tokens = int(sum(m["num_tokens"].sum() for m in micro))
+    local = {}
+    for key in self.KEYS:
+      arrays = [_pad_to(m[key], length, n_images, key) for m in micro]
+      local[key] = np.stack(arrays)
+    proc = jax.process_count()
+    out = {}
+    for key, value in local.items():
+      global_shape = (value.shape[0], value.shape[1] * proc) + value.shape[2:]
+      out[key] = jax.make_array_from_process_local_data(self._sharding(global_shape), value, global_shape)
+    return out, tokens
+
+
+def _pad_to(array: np.ndarray, length: int, n_images: int, key: str) -> np.ndarray:
+  if key == "images":
+    return np.pad(array, [(0, n_images - array.shape[0])] + [(0, 0)] * 3)
+  fill = {"labels": -100, "attention_mask": 0, "input_ids": 0}[key]
+  return np.pad(array, [(0, 0), (0, length - array.shape[1])], constant_values=fill)
+
+
+def write_outputs(workdir: str, model_cfg: ModelConfig, trainable, frozen, tokenizer, stage: int) -> str:
+  """Final model folder (and, for stage 1, the projector alone in LLaVA's `model.mm_projector.*` naming)."""
+  out_dir = os.path.join(workdir, "model")
+  params = nnx.merge_state(trainable, frozen)
+  model_folder.save_model_folder(out_dir, model_cfg, params, tokenizer=tokenizer)
+  if stage == 1:
+    projector = multihost_utils.process_allgather(nnx.State({"projector": params["projector"]}), tiled=True)
+    if jax.process_index() == 0:
+      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+      abstract = nnx.eval_shape(lambda: LlavaModel(model_cfg, rngs=nnx.Rngs(0)))
+      tensors = {}
+      for key, value in loaders.export_tensors(projector, abstract, prefixes=("projector.",)):
+        _, index, kind = key.split(".")
+        tensors[f"model.mm_projector.{2 * int(index)}.{kind}"] = np.asarray(value, np.float32)
+      save_file(tensors, os.path.join(workdir, "projector.safetensors"))
+  return out_dir
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Runs one training stage in `workdir` (resuming from its latest checkpoint)."""
+  os.makedirs(workdir, exist_ok=True)
+  runtime = RuntimeConfig(**config.runtime.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  model, tokenizer = build_model(config, runtime, mesh)
+  parts = tuple(config.trainable) if config.trainable else optim.STAGE_TRAINABLE[config.stage]
+  graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(parts), ...)
+  total_steps = total_train_steps(config)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  param_shardings = sharding.state_shardings(trainable, mesh)
+  state = TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+  accum = config.accum_steps
+  per_process = config.batch_size // (accum * jax.process_count())
+  if per_process * accum * jax.process_count() != config.batch_size:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by accum_steps {accum} x "
+                     f"{jax.process_count()} processes")
+  data_cfg = data_config(config, config.data.data_files, batch_size=per_process, num_epochs=None)
+  iterator = pipeline.make_train_iterator(data_cfg, tokenizer, model.cfg)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint_every,
+                                       keep=config.checkpoint_keep, async_save=config.async_checkpoint)
+  start = checkpointer.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, data_state, _ = checkpointer.restore(start, abstract)
+    state = TrainState(*state)
+    iterator.set_state(data_state)
+    logging.info("resumed from %s at step %d", checkpointer.directory, start)
+  start = int(state.step)
+
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, loss_chunk=config.loss_chunk),
+                       in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, loss_chunk=config.loss_chunk))
+  feeder = BatchFeeder(iterator, mesh, accum)
+  writer = metrics_lib.MetricsWriter(workdir, total_steps, start, description=f"stage {config.stage}")
+  stop = {"signal": None}
+
+  def on_signal(signum, _):
+    stop["signal"] = signum
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  meta = {"init_model": config.init_model, "stage": config.stage, "trainable": list(parts)}
+  pending, losses, tokens_since, t_last = [], [], 0, time.perf_counter()
+  step = start
+  try:
+    with jax.set_mesh(mesh):
+      while step < total_steps and stop["signal"] is None:
+        batch, tokens = feeder.next()
+        state, metrics = train_step(state, frozen, batch)
+        step += 1
+        tokens_since += tokens
+        pending.append((step, metrics))
+        at_end = step == total_steps
+        if step % config.log_every == 0 or at_end or checkpointer.should_save(step):
+          now = time.perf_counter()
+          fetched = _check_finite(pending)
+          losses.extend(float(m["loss"]) for _, m in fetched)
+          last = dict(fetched[-1][1])
+          last.pop("finite")
+          last["tokens_per_second"] = tokens_since * jax.process_count() / max(now - t_last, 1e-9)
+          writer.write(step, last)
+          writer.progress(step, loss=float(last["loss"]), tok_s=round(last["tokens_per_second"]))
+          pending, tokens_since, t_last = [], 0, now
+        if config.eval_every > 0 and config.eval_data_files and (step % config.eval_every == 0 or at_end):
+          eval_loss = evaluate(config, tokenizer, model.cfg, eval_step, state.params, frozen, mesh)
+          writer.write(step, {"eval_loss": eval_loss})
+          if jax.process_index() == 0:
+            print(f"step {step}: eval loss {eval_loss:.4f}", file=sys.stderr)
+        if checkpointer.should_save(step) or at_end:
+          checkpointer.save(step, state, iterator.get_state(), meta)
+      if stop["signal"] is not None:
+        _check_finite(pending)
+        checkpointer.save(step, state, iterator.get_state(), meta)
+        print(f"signal {stop['signal']}: saved step {step} in {checkpointer.directory}; exiting", file=sys.stderr)
+  finally:
+    checkpointer.close()
+    writer.close()
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    if hasattr(iterator, "summary") and jax.process_index() == 0:
+      print(iterator.summary(), file=sys.stderr)
+  if stop["signal"] is not None:
+    return TrainResult(step, None, losses, interrupted=True)
+  model_dir = write_outputs(workdir, model.cfg, state.params, frozen, tokenizer, config.stage)
+  return TrainResult(step, model_dir, losses)
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  fetched = [(s, jax.device_get(m)) for s, m in pending]
+  for s, m in fetched:
+    if not bool(m["finite"]):
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
+          "the update was not applied, training stops; the last checkpoint is intact. Lower the learning rate, "
+          "check the data (a sample with extreme values?) or use float32 compute.")
+  return fetched
+
+
+def evaluate(config, tokenizer, model_cfg, eval_step, params, frozen, mesh) -> float:
+  """Mean loss over the supervised tokens of the held-out split (one pass)."""
+  data_cfg = data_config(config, config.eval_data_files, batch_size=config.eval_batch_size // jax.process_count())
+  feeder = BatchFeeder(pipeline.make_eval_iterator(data_cfg, tokenizer, model_cfg), mesh, 1)
+  total, count = 0.0, 0
+  while True:
+    try:
+      batch, _ = feeder.next()
+    except StopIteration:
+      break
+    loss, n = eval_step(params, frozen, jax.tree.map(lambda x: x[0], batch))
+    total, count = total + float(loss), count + int(n)
+  return total / max(count, 1)
