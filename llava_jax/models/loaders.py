@@ -83,6 +83,7 @@ def canonical_key(key: str, kind: str) -> str | None:
     return None
   patterns = [
       (r"^model\.mm_projector\.(\d+)\.", lambda m: f"projector.{int(m.group(1)) // 2}."),
+      (r"^model\.mm_projector\.(?=(weight|bias)$)", lambda m: "projector.0."),  # 'linear' projector: no index
       (r"^(model\.)?multi_modal_projector\.linear_(\d+)\.", lambda m: f"projector.{int(m.group(2)) - 1}."),
       (r"^model\.vision_tower\.vision_tower\.(vision_model\.)?", lambda m: "vision."),
       (r"^(model\.)?vision_tower\.(vision_model\.)?", lambda m: "vision."),

@@ -1,0 +1,6 @@
+"""`python -m llava_jax.convert ...`: see llava_jax/convert/__init__.py."""
+import sys
+
+from llava_jax.convert import main
+
+sys.exit(main())
