@@ -1,0 +1,489 @@
+r"""Generation with a KV cache: a jit-compiled prefill and an on-device decode loop; the `generate` CLI.
+
+`Engine` works on token ids with LLaVA's one `IMAGE_TOKEN_INDEX` per image and preprocessed images.
+`Generator` adds the model folder's conversation template, tokenizer and image preprocessing (the same prompt
+builder as training: `llava_jax.data.tokenize.encode_prompt`).
+
+How a batch runs:
+- prefill: the prompts (right-padded ids with placeholders) are spliced LEFT-padded to L positions, so every
+  row's last prompt token sits at slot L - 1; the decoder fills slots [0, L) of a cache of S = L + N slots and the
+  first new token is sampled from the last position.
+- decode: a `jax.lax.while_loop` feeds one token per step at slot L + i, RoPE position (prompt length + i), and
+  samples the next. It stops after a given number of steps or when every row has produced the EOS token. The
+  host calls it once (no stop strings), once per token (streaming), or in chunks, checking stop strings on the
+  decoded text between chunks.
+- static shapes: the batch size, the number of images, the prompt lengths (before and after image expansion) and
+  the number of new tokens N are rounded up to buckets, so one program is compiled per bucket.
+
+Sampling: greedy (temperature 0), or temperature with nucleus (top-p) filtering, from a seeded key.
+
+  python -m llava_jax.generate --model DIR --image IMG --prompt "What is in the image?" [--max-new-tokens 128]
+      [--temperature 0] [--top-p 1] [--seed 0]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from llava_jax.models.config import IMAGE_TOKEN_INDEX
+from llava_jax.models.llama import KVCache
+from llava_jax.models.llava import LlavaModel
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How tokens are chosen and when generation ends.
+
+  Attributes:
+    max_new_tokens: at most this many tokens per row (the EOS token included).
+    temperature: 0 = greedy (argmax); otherwise logits / temperature are sampled.
+    top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability reaches top_p.
+    seed: seed of the sampling key (the same seed, inputs and batch give the same tokens).
+    stop_strings: generation of a row ends once its decoded text contains one of these; the text is cut before it.
+    ignore_eos: keep generating after the EOS token (benchmarks).
+    chunk_size: decode steps per device call when stop strings are checked on the host.
+  """
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop_strings: tuple[str, ...] = ()
+  ignore_eos: bool = False
+  chunk_size: int = 16
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.chunk_size < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+    object.__setattr__(self, "stop_strings", tuple(s for s in self.stop_strings if s))
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+class Request(NamedTuple):
+  """One prompt.
+
+  input_ids: int32[T] token ids (BOS included) with one IMAGE_TOKEN_INDEX per image.
+  images: float32[n, S, S, 3] preprocessed images, n = number of placeholders (None or n = 0 for text only).
+  """
+  input_ids: np.ndarray
+  images: np.ndarray | None = None
+
+
+class Output(NamedTuple):
+  """What a row generated (the prompt excluded).
+
+  token_ids: the generated ids, without the EOS token; with a stop string, up to the token that completed it.
+  text: their decoded text (special tokens skipped), cut before the first stop string.
+  finish_reason: 'eos', 'stop' (a stop string) or 'length' (max_new_tokens reached).
+  """
+  token_ids: list[int]
+  text: str
+  finish_reason: str
+
+
+def bucket(n: int, minimum: int = 16, steps_per_octave: int = 8) -> int:
+  """`n` rounded up to a multiple of `minimum`, and above 2 * minimum * steps_per_octave to one of
+  `steps_per_octave` evenly spaced sizes per power of two (at most 1 / steps_per_octave padding):
+  16, 32, ..., 256, 288, 320, ..., 512, 576, ..."""
+  octave = 1 << max(n - 1, 1).bit_length()  # smallest power of two >= n
+  step = max(octave // (2 * steps_per_octave), minimum)
+  return max(-(-n // step) * step, minimum)
+
+
+def batch_bucket(n: int) -> int:
+  """Rows and images: powers of two."""
+  return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class DecodeState(NamedTuple):
+  """Everything the decode loop carries; [B] = batch rows, S cache slots, N new-token buffer."""
+  cache: KVCache
+  kv_mask: jax.Array  # bool[B, S] slots holding real tokens (prompt padding False)
+  token: jax.Array  # int32[B] the last sampled token, not yet fed to the model
+  position: jax.Array  # int32[B] its RoPE position
+  slot: jax.Array  # int32[] its cache slot
+  tokens: jax.Array  # int32[B, N] generated tokens (pad after EOS)
+  step: jax.Array  # int32[] number of tokens generated
+  done: jax.Array  # bool[B] the row has produced EOS
+  rng: jax.Array  # key
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """float[B, V] -> float32[B, V]: logits / temperature, with -inf outside the nucleus (the most likely tokens
+  until the probability before them reaches `top_p`; the top token always stays; all stay at top_p = 1)."""
+  logits = logits.astype(jnp.float32) / temperature
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where((logits >= cutoff) | (top_p >= 1.0), logits, -jnp.inf)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                  greedy: bool) -> jax.Array:
+  """float[B, V] -> int32[B]: argmax if `greedy`, else a sample of softmax(`filter_logits`)."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits, temperature, top_p), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "cache_len", "max_new", "greedy",
+                                             "cache_dtype"))
+def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, eos_id, pad_id, *, graphdef,
+             prompt_len, cache_len, max_new, greedy, cache_dtype) -> DecodeState:
+  """ids int32[B, T], mask bool[B, T], images float[I, S, S, 3] or None -> DecodeState with 1 token generated.
+
+  Module-level (the model's graph static, its state an argument) so that engines of equal models share programs.
+  """
+  model = nnx.merge(graphdef, state)
+  lm = model.language_model
+  spliced = model.embed_inputs(input_ids, attention_mask, images, out_len=prompt_len, pad_left=True)
+  b = input_ids.shape[0]
+  kv_mask = jnp.concatenate([spliced.mask, jnp.ones((b, cache_len - prompt_len), bool)], axis=1)
+  cache = KVCache.zeros(model.cfg.text, b, cache_len, cache_dtype)
+  hidden, cache = lm.decode(spliced.embeds, spliced.positions, kv_mask=kv_mask, cache=cache, cache_index=0)
+  logits = lm.logits(hidden[:, -1:])[:, 0]
+  rng, key = jax.random.split(rng)
+  token = sample_logits(logits, key, temperature, top_p, greedy=greedy)
+  tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
+  return DecodeState(cache=cache, kv_mask=kv_mask, token=token, position=spliced.positions[:, -1] + 1,
+                     slot=jnp.asarray(prompt_len, jnp.int32), tokens=tokens, step=jnp.asarray(1, jnp.int32),
+                     done=token == eos_id, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "ignore_eos"), donate_argnums=(1,))
+def _decode(state, ds: DecodeState, stop_step, temperature, top_p, eos_id, pad_id, *, graphdef, greedy,
+            ignore_eos) -> DecodeState:
+  """Decodes until `ds.step == stop_step` (<= N) or every row is done."""
+  lm = nnx.merge(graphdef, state).language_model
+
+  def cond(ds):
+    running = ds.step < stop_step
+    return running if ignore_eos else running & ~jnp.all(ds.done)
+
+  def body(ds):
+    hidden, cache = lm.decode(lm.embed(ds.token[:, None]), ds.position[:, None], kv_mask=ds.kv_mask,
+                              cache=ds.cache, cache_index=ds.slot)
+    logits = lm.logits(hidden)[:, 0]
+    token = sample_logits(logits, jax.random.fold_in(ds.rng, ds.step), temperature, top_p, greedy=greedy)
+    token = jnp.where(ds.done, pad_id, token)
+    tokens = jax.lax.dynamic_update_slice_in_dim(ds.tokens, token[:, None], ds.step, axis=1)
+    done = ds.done if ignore_eos else ds.done | (token == eos_id)
+    return ds._replace(cache=cache, token=token, position=ds.position + 1, slot=ds.slot + 1, tokens=tokens,
+                       step=ds.step + 1, done=done)
+
+  return jax.lax.while_loop(cond, body, ds)
+
+
+class Engine:
+  """Batched generation from token ids and preprocessed images (no tokenizer needed).
+
+  Args:
+    model: a LlavaModel (its parameters are captured once; later changes to the module are not seen).
+    eos_token_id: generation of a row ends with it (default: the text config's).
+    pad_token_id: written into rows after they end and into prompt padding (default: the text config's).
+    cache_dtype: KV cache dtype (default: the compute dtype).
+  """
+
+  def __init__(self, model: LlavaModel, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+               cache_dtype: Any = None):
+    self.cfg = model.cfg
+    self.graphdef, self.state = nnx.split(model)
+    self.eos_token_id = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
+    self.pad_token_id = self.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
+    self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
+
+  # --- host side ----------------------------------------------------------------------------------------------
+
+  def prepare(self, requests: Sequence[Request], max_new_tokens: int) -> dict[str, Any]:
+    """Pads a batch to its buckets: ids int32[B, T] (right-padded), mask bool[B, T], images float32[I, S, S, 3]
+    or None, and the static sizes prompt_len (L), cache_len (S) and max_new (N)."""
+    if not requests:
+      raise ValueError("no requests")
+    n_image_positions = self.cfg.image_seq_length
+    rows, images, expanded = [], [], []
+    for i, req in enumerate(requests):
+      ids = np.asarray(req.input_ids)
+      if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"request {i}: input_ids must be a non-empty 1-D integer array, got {ids.dtype}{ids.shape}")
+      n_placeholders = int((ids == IMAGE_TOKEN_INDEX).sum())
+      req_images = np.zeros((0,), np.float32) if req.images is None else np.asarray(req.images, np.float32)
+      n_images = 0 if req.images is None else req_images.shape[0]
+      if n_images != n_placeholders:
+        raise ValueError(f"request {i}: {n_placeholders} image placeholders but {n_images} images")
+      if n_images:
+        s = self.cfg.vision.image_size
+        if req_images.shape[1:] != (s, s, self.cfg.vision.num_channels):
+          raise ValueError(f"request {i}: images must be [n, {s}, {s}, {self.cfg.vision.num_channels}], "
+                           f"got {req_images.shape}")
+        images.append(req_images)
+      rows.append(ids.astype(np.int32))
+      expanded.append(ids.size + n_placeholders * (n_image_positions - 1))
+    b = batch_bucket(len(rows))
+    t = bucket(max(r.size for r in rows))
+    ids = np.full((b, t), self.pad_token_id, np.int32)
+    mask = np.zeros((b, t), bool)
+    for i, r in enumerate(rows):
+      ids[i, :r.size], mask[i, :r.size] = r, True
+    for i in range(len(rows), b):  # filler rows: one real token, never returned
+      ids[i, 0], mask[i, 0] = self.pad_token_id, True
+    image_batch = None
+    if images:
+      image_batch = np.concatenate(images)
+      n = image_batch.shape[0]
+      image_batch = np.concatenate([image_batch, np.zeros((batch_bucket(n) - n, *image_batch.shape[1:]),
+                                                          np.float32)])
+    prompt_len = bucket(max(expanded))
+    max_new = bucket(max_new_tokens)
+    limit = self.cfg.text.max_position_embeddings
+    if max(expanded) + max_new_tokens > limit:
+      logging.warning("prompt (%d positions) + max_new_tokens (%d) exceed max_position_embeddings %d",
+                      max(expanded), max_new_tokens, limit)
+    return dict(input_ids=ids, attention_mask=mask, images=image_batch, prompt_len=prompt_len,
+                cache_len=prompt_len + max_new, max_new=max_new, num_rows=len(rows))
+
+  def start(self, requests: Sequence[Request], params: SamplingParams) -> tuple[DecodeState, int]:
+    """Runs the prefill: -> (state with one token generated, number of real rows)."""
+    batch = self.prepare(requests, params.max_new_tokens)
+    ds = _prefill(self.state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                  None if batch["images"] is None else jnp.asarray(batch["images"]), jax.random.key(params.seed),
+                  jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.int32(self.eos_token_id),
+                  jnp.int32(self.pad_token_id), graphdef=self.graphdef, prompt_len=batch["prompt_len"],
+                  cache_len=batch["cache_len"], max_new=batch["max_new"], greedy=params.greedy,
+                  cache_dtype=self.cache_dtype)
+    if params.ignore_eos:
+      ds = ds._replace(done=jnp.zeros_like(ds.done))
+    return ds, batch["num_rows"]
+
+  def advance(self, ds: DecodeState, params: SamplingParams, stop_step: int) -> DecodeState:
+    """Decodes until `stop_step` tokens are generated (or every row is done)."""
+    return _decode(self.state, ds, jnp.int32(min(stop_step, params.max_new_tokens)),
+                   jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.int32(self.eos_token_id),
+                   jnp.int32(self.pad_token_id), graphdef=self.graphdef, greedy=params.greedy,
+                   ignore_eos=params.ignore_eos)
+
+  def generate_ids(self, requests: Sequence[Request], params: SamplingParams = SamplingParams()
+                   ) -> list[list[int]]:
+    """Generated token ids per request, ending with the EOS token where one was produced (no stop strings)."""
+    ds, n = self.start(requests, params)
+    ds = self.advance(ds, params, params.max_new_tokens)
+    tokens, step = np.asarray(ds.tokens), int(ds.step)
+    return [_until_eos(tokens[i, :step], None if params.ignore_eos else self.eos_token_id) for i in range(n)]
+
+
+def _until_eos(ids: np.ndarray, eos: int | None) -> list[int]:
+  ids = [int(x) for x in ids]
+  if eos is not None and eos in ids:
+    return ids[:ids.index(eos) + 1]
+  return ids
+
+
+class Generator:
+  """Chat-level generation: messages and images in, text out, with the model folder's template and image
+  preprocessing.
+
+  Args:
+    model: a LlavaModel; its config names the template, image size, aspect mode, mean and std.
+    tokenizer: the model's transformers tokenizer.
+    template: overrides the config's template name.
+  """
+
+  def __init__(self, model: LlavaModel, tokenizer: Any, *, template: str | None = None, **engine_kw):
+    from llava_jax.data import templates  # noqa: F401  (fails early if the template is unknown)
+    self.cfg = model.cfg
+    self.tokenizer = tokenizer
+    self.template = templates.get_template(template or self.cfg.template)
+    self.engine = Engine(model, **engine_kw)
+
+  @classmethod
+  def from_folder(cls, path: str, runtime: Any = None, mesh: Any = None, **kw) -> "Generator":
+    """From a model folder (`llava_jax.model_folder` layout)."""
+    from llava_jax import model_folder
+    from llava_jax.models.config import RuntimeConfig
+    model = model_folder.load_model(path, runtime or RuntimeConfig(), mesh=mesh)
+    return cls(model, model_folder.load_tokenizer(path), **kw)
+
+  @property
+  def stop_strings(self) -> tuple[str, ...]:
+    """The template's end-of-turn string (for Vicuna '</s>' is also the EOS token)."""
+    return (self.template.end_of_turn,)
+
+  def params(self, **kw) -> SamplingParams:
+    """SamplingParams with the template's stop strings added to `stop_strings`."""
+    stops = tuple(kw.pop("stop_strings", ())) + self.stop_strings
+    return SamplingParams(stop_strings=tuple(dict.fromkeys(stops)), **kw)
+
+  def preprocess(self, image: Any) -> np.ndarray:
+    """A path, encoded bytes or PIL image -> float32[S, S, 3] as the config says (a numpy array passes through)."""
+    from llava_jax.data import images as images_lib
+    if isinstance(image, np.ndarray):
+      return image.astype(np.float32)
+    if not hasattr(image, "size") or isinstance(image, (bytes, bytearray)):
+      image = images_lib.load_image(image)
+    return images_lib.preprocess_image(image, image_size=self.cfg.vision.image_size,
+                                       aspect=self.cfg.image_aspect_ratio, mean=self.cfg.image_mean,
+                                       std=self.cfg.image_std)
+
+  def request(self, messages: Sequence[tuple[str, str | None]], images: Sequence[Any] = ()) -> Request:
+    """A prompt from `(role, text)` messages (roles human/gpt; '<image>' tags where the images go, one per image,
+    in order) and its images (paths, bytes, PIL images or preprocessed arrays)."""
+    from llava_jax.data import tokenize
+    ids = tokenize.encode_prompt(messages, self.tokenizer, self.template)
+    n_tags = int((ids == IMAGE_TOKEN_INDEX).sum())
+    if n_tags != len(images):
+      raise ValueError(f"the messages have {n_tags} '<image>' tags but {len(images)} images were given")
+    pixels = np.stack([self.preprocess(im) for im in images]) if len(images) else None
+    return Request(ids, pixels)
+
+  def question(self, text: str, images: Sequence[Any] = ()) -> Request:
+    """A single-turn prompt as LLaVA's eval scripts build it: '<image>\\n' per image before the text, unless the
+    text already places its '<image>' tags."""
+    if images and "<image>" not in text:
+      text = "<image>\n" * len(images) + text
+    return self.request([("human", text)], images)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+  def _finish(self, ids: np.ndarray, params: SamplingParams) -> Output:
+    """Output of one row from its generated ids."""
+    ids = [int(x) for x in ids]
+    reason = "length"
+    eos = self.engine.eos_token_id
+    if not params.ignore_eos and eos in ids:
+      ids, reason = ids[:ids.index(eos)], "eos"
+    text = self.decode(ids)
+    cut = _find_stop(text, params.stop_strings)
+    if cut is not None:
+      text, reason = text[:cut], "stop"
+      # the fewest tokens whose text holds a stop string (containment only grows with more tokens)
+      lo, hi = 1, len(ids)
+      while lo < hi:
+        mid = (lo + hi) // 2
+        if _find_stop(self.decode(ids[:mid]), params.stop_strings) is None:
+          lo = mid + 1
+        else:
+          hi = mid
+      ids = ids[:lo]
+    return Output(ids, text, reason)
+
+  def generate(self, requests: Sequence[Request], params: SamplingParams | None = None) -> list[Output]:
+    """Generates for a batch of requests (padded to the batch bucket; outputs in order)."""
+    params = params or self.params()
+    engine = self.engine
+    ds, n = engine.start(requests, params)
+    if not params.stop_strings:
+      ds = engine.advance(ds, params, params.max_new_tokens)
+      tokens, step = np.asarray(ds.tokens), int(ds.step)
+      return [self._finish(tokens[i, :step], params) for i in range(n)]
+    stopped = np.zeros(ds.done.shape, bool)
+    stopped[n:] = True  # filler rows
+    while True:
+      tokens, step, done = np.asarray(ds.tokens), int(ds.step), np.asarray(ds.done)
+      for i in range(n):
+        if not stopped[i]:
+          stopped[i] = self._finish(tokens[i, :step], params).finish_reason == "stop"
+      if step >= params.max_new_tokens or np.all(stopped | done):
+        return [self._finish(tokens[i, :step], params) for i in range(n)]
+      ds = engine.advance(ds._replace(done=jnp.asarray(done | stopped)), params, step + params.chunk_size)
+
+  def stream(self, request: Request, params: SamplingParams | None = None) -> Iterator[str]:
+    """Generates for one request, yielding pieces of text as tokens are produced; their concatenation is the
+    final `Output.text`. Text that may still turn into a stop string, or an incomplete UTF-8 character, is held
+    back until it is settled."""
+    params = params or self.params()
+    ds, _ = self.engine.start([request], params)
+    emitted = ""
+    while True:
+      step = int(ds.step)
+      out = self._finish(np.asarray(ds.tokens)[0, :step], params)
+      finished = out.finish_reason != "length" or step >= params.max_new_tokens
+      settled = out.text if finished else _hold_back(out.text, params.stop_strings)
+      if settled.startswith(emitted) and len(settled) > len(emitted):
+        yield settled[len(emitted):]
+        emitted = settled
+      if finished:
+        return
+      ds = self.engine.advance(ds, params, step + 1)
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+  """Index of the earliest stop string in `text`, or None."""
+  found = [i for i in (text.find(s) for s in stops) if i >= 0]
+  return min(found) if found else None
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> str:
+  """`text` without a trailing incomplete character or a trailing proper prefix of a stop string."""
+  text = text.rstrip("\ufffd")
+  keep = len(text)
+  for s in stops:
+    for k in range(min(len(s) - 1, len(text)), 0, -1):
+      if text.endswith(s[:k]):
+        keep = min(keep, len(text) - k)
+        break
+  return text[:keep]
+
+
+def runtime_from_flag(dtype: str) -> Any:
+  """RuntimeConfig for inference: 'auto' = bfloat16 on GPU/TPU, float32 on CPU."""
+  from llava_jax.models.config import RuntimeConfig
+  if dtype == "auto":
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return RuntimeConfig(param_dtype=dtype, dtype=dtype)
+
+
+def add_model_flags(parser) -> None:
+  """--model, --dtype, --template (shared by generate, chat and eval.answer)."""
+  parser.add_argument("--model", required=True, help="model folder (see llava_jax.model_folder)")
+  parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                      help="parameter and compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+  parser.add_argument("--template", default=None, help="conversation template (default: the model config's)")
+
+
+def add_sampling_flags(parser, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> None:
+  parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+  parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+  parser.add_argument("--top-p", type=float, default=top_p)
+  parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse
+  import sys
+  parser = argparse.ArgumentParser(prog="python -m llava_jax.generate", description=__doc__.split("\n")[0])
+  add_model_flags(parser)
+  parser.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+  parser.add_argument("--prompt", required=True, help="the question; '<image>\\n' is put first unless present")
+  add_sampling_flags(parser)
+  args = parser.parse_args(argv)
+  logging.use_absl_handler()
+  generator = Generator.from_folder(args.model, runtime_from_flag(args.dtype), template=args.template)
+  request = generator.question(args.prompt, args.image)
+  params = generator.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+  out = generator.generate([request], params)[0]
+  logging.info("finish_reason=%s tokens=%d", out.finish_reason, len(out.token_ids))
+  sys.stdout.write(out.text.strip() + "\n")
+  sys.stdout.flush()
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""Generation against transformers: greedy tokens equal `LlavaForConditionalGeneration.generate` (fp32, left
+padding); sampling filters equal transformers' warpers; stop strings, EOS, streaming and bucketing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from PIL import Image
+
+from llava_jax import generate
+from llava_jax.models import loaders
+from llava_jax.models.config import IMAGE_TOKEN_INDEX, ModelConfig, RuntimeConfig
+from llava_jax.models.llava import LlavaModel
+
+IMAGE_SIZE, N_PATCHES = 28, 4  # 28 px / 14 px patches -> 4 image positions
+
+
+def tiny_hf_llava(vocab_size=100, image_token=99, seed=0):
+  """A random llava-hf model (transformers), fp32, eval mode."""
+  torch.manual_seed(seed)
+  cfg = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=14),
+      text_config=transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=256),
+      image_token_index=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default",
+      projector_hidden_act="gelu", image_seq_length=N_PATCHES)
+  return transformers.LlavaForConditionalGeneration(cfg).eval()
+
+
+def ours_from(hf, **cfg_overrides):
+  cfg = ModelConfig.from_hf_llava(hf.config, **cfg_overrides)
+  model = LlavaModel(cfg, RuntimeConfig(), rngs=nnx.Rngs(0))
+  nnx.update(model, loaders.load_llava_state_dict(model, hf.state_dict()))
+  return model
+
+
+def hf_greedy(hf, requests, max_new_tokens):
+  """transformers' greedy `generate` on a left-padded batch: each placeholder expanded to the image token."""
+  image_token = hf.config.image_token_index
+  rows = [np.concatenate([[image_token] * N_PATCHES if t == IMAGE_TOKEN_INDEX else [t] for t in r.input_ids])
+          for r in requests]
+  length = max(len(r) for r in rows)
+  ids = np.zeros((len(rows), length), np.int64)
+  mask = np.zeros((len(rows), length), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+  images = [r.images for r in requests if r.images is not None]
+  pixels = torch.from_numpy(np.concatenate(images).transpose(0, 3, 1, 2)) if images else None
+  with torch.no_grad():
+    out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), pixel_values=pixels,
+                      max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1)
+  eos = hf.config.text_config.eos_token_id
+  return [generate._until_eos(row, eos) for row in out[:, length:].numpy()]
+
+
+def mixed_requests(seed=0):
+  """One image, two images (text between them), text only: different lengths before and after expansion."""
+  rng = np.random.RandomState(seed)
+  text = lambda n: list(rng.randint(3, 90, n))
+  image = lambda n: rng.randn(n, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  return [
+      generate.Request(np.array([1, IMAGE_TOKEN_INDEX] + text(7), np.int32), image(1)),
+      generate.Request(np.array([1] + text(3) + [IMAGE_TOKEN_INDEX] + text(2) + [IMAGE_TOKEN_INDEX] + text(9),
+                                np.int32), image(2)),
+      generate.Request(np.array([1] + text(5), np.int32), None),
+  ]
+
+
+@pytest.fixture(scope="module")
+def small():
+  hf = tiny_hf_llava()
+  return hf, generate.Engine(ours_from(hf))
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2], [1]], ids=["batch", "single"])
+def test_greedy_matches_transformers(small, rows):
+  hf, engine = small
+  requests = [mixed_requests()[i] for i in rows]
+  got = engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=12))
+  assert got == hf_greedy(hf, requests, 12)
+  assert all(len(g) == 12 or g[-1] == engine.eos_token_id for g in got)
+
+
+def test_eos_ends_a_row_and_batch_rows_are_independent(small):
+  hf, engine = small
+  requests = mixed_requests()
+  free = engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=10))
+  # make row 0's 4th token the end token: row 0 stops there, the other rows go on as before until they meet it
+  eos = free[0][3]
+  compiled = generate._prefill._cache_size(), generate._decode._cache_size()
+  stopping = generate.Engine(ours_from(hf), eos_token_id=eos)
+  got = stopping.generate_ids(requests, generate.SamplingParams(max_new_tokens=10))
+  # an engine of an equal model shares the compiled programs
+  assert (generate._prefill._cache_size(), generate._decode._cache_size()) == compiled
+  for row, ids in zip(free, got):
+    assert ids == (row[:row.index(eos) + 1] if eos in row else row)
+  assert got[0] == free[0][:4]
+
+
+def test_one_compile_per_bucket(small):
+  """Prompts of different lengths in one bucket (and any max_new_tokens in one bucket) reuse one program."""
+  _, engine = small
+  rng = np.random.RandomState(1)
+  image = lambda n: rng.randn(n, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  sizes = lambda: (generate._prefill._cache_size(), generate._decode._cache_size())
+  before = sizes()
+  for n, new in [(8, 12), (10, 7), (13, 16)]:  # 11..16 ids (T bucket 16), 17..22 positions (L bucket 32)
+    ids = np.array([1, IMAGE_TOKEN_INDEX] + list(rng.randint(3, 90, n)) + [IMAGE_TOKEN_INDEX], np.int32)
+    engine.generate_ids([generate.Request(ids, image(2))], generate.SamplingParams(max_new_tokens=new))
+  after = sizes()
+  assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1
+
+
+def test_bucket_sizes():
+  assert [generate.bucket(n) for n in (1, 16, 17, 33, 256, 257, 616, 1024, 1025)] == [
+      16, 16, 32, 48, 256, 288, 640, 1024, 1152]
+  for n in range(1, 3000):
+    b = generate.bucket(n)
+    assert n <= b <= max(n + 15, n * 1.125)
+  assert [generate.batch_bucket(n) for n in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
+
+
+def test_request_errors(small):
+  _, engine = small
+  ids = np.array([1, IMAGE_TOKEN_INDEX, 5], np.int32)
+  with pytest.raises(ValueError, match="request 0: 1 image placeholders but 0 images"):
+    engine.prepare([generate.Request(ids)], 4)
+  with pytest.raises(ValueError, match=r"request 0: images must be \[n, 28, 28, 3\]"):
+    engine.prepare([generate.Request(ids, np.zeros((1, 30, 30, 3), np.float32))], 4)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generate.SamplingParams(max_new_tokens=0)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.9), (0.7, 0.5), (1.5, 0.95), (1.0, 1.0), (0.3, 0.01)])
+def test_filter_logits_matches_transformers_warpers(temperature, top_p):
+  logits = np.random.RandomState(0).randn(8, 50).astype(np.float32) * 3
+  scores = torch.from_numpy(logits)
+  scores = transformers.TemperatureLogitsWarper(temperature)(None, scores)
+  if top_p < 1.0:
+    scores = transformers.TopPLogitsWarper(top_p)(None, scores)
+  got = np.asarray(generate.filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.float32(top_p)))
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(scores.numpy()))
+  finite = ~np.isinf(got)
+  np.testing.assert_allclose(got[finite], scores.numpy()[finite], rtol=1e-6)
+
+
+def test_sample_frequencies_follow_temperature():
+  """Empirical token frequencies match softmax(logits / T) (to 5 binomial standard deviations); a lower
+  temperature concentrates the mass on the top token."""
+  logits = jnp.array([2.0, 1.0, 0.5, -1.0])
+  n = 20000
+  top_share = {}
+  for temperature in (0.5, 2.0):
+    tokens = generate.sample_logits(jnp.broadcast_to(logits, (n, 4)), jax.random.key(0), jnp.float32(temperature),
+                                    jnp.float32(1.0), greedy=False)
+    freq = np.bincount(np.asarray(tokens), minlength=4) / n
+    p = np.exp(np.asarray(logits) / temperature)
+    p /= p.sum()
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-9)
+    top_share[temperature] = freq[0]
+  assert top_share[0.5] > top_share[2.0] + 0.2
+
+
+def test_sampled_generation_seeded(small):
+  _, engine = small
+  requests = mixed_requests()
+  run = lambda **kw: engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=12, **kw))
+  greedy = run()
+  hot = run(temperature=1.5, seed=3)
+  assert hot == run(temperature=1.5, seed=3)
+  assert hot != run(temperature=1.5, seed=4)
+  assert hot != greedy
+  assert run(temperature=1.5, top_p=1e-6, seed=5) == greedy  # nucleus of the top token only
+
+
+# --- text: template, tokenizer, stop strings, streaming -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(llama_tokenizer_dir):
+  """A model with the LLaMA vocabulary (+ llava-hf's '<image>' at 32000) and the real tokenizer."""
+  hf = tiny_hf_llava(vocab_size=32001, image_token=32000, seed=1)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+  return hf, generate.Generator(ours_from(hf, template="vicuna_v1", image_aspect_ratio="pad"), tokenizer)
+
+
+def random_image(seed, size=(36, 20)):
+  return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size[::-1], 3), np.uint8))
+
+
+def test_prompt_from_template_and_image_matches_transformers(with_tokenizer):
+  hf, gen = with_tokenizer
+  request = gen.question("What is in the image?", [random_image(0)])
+  # LLaVA's tokenizer_image_token: chunks around '<image>' tokenised apart, BOS only on the first
+  prompt = gen.template.build_prompt([("human", "<image>\nWhat is in the image?")], add_generation_prompt=True)
+  assert prompt.startswith("A chat between") and prompt.endswith("USER: <image>\nWhat is in the image? ASSISTANT:")
+  head, tail = prompt.split("<image>")
+  expected = gen.tokenizer(head).input_ids + [IMAGE_TOKEN_INDEX] + gen.tokenizer(tail).input_ids[1:]
+  assert list(request.input_ids) == expected
+  assert request.images.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+  got = gen.engine.generate_ids([request], generate.SamplingParams(max_new_tokens=16))
+  assert got == hf_greedy(hf, [request], 16)
+  out = gen.generate([request], gen.params(max_new_tokens=16))[0]
+  assert out.token_ids == [t for t in got[0] if t != gen.engine.eos_token_id]
+  assert out.text == gen.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_stop_strings_cut_text_and_end_generation(with_tokenizer):
+  _, gen = with_tokenizer
+  request = gen.question("Tell me a story.", [random_image(1)])
+  free = gen.generate([request], generate.SamplingParams(max_new_tokens=16))[0]
+  assert free.finish_reason == "length" and len(free.token_ids) == 16
+  m = len(gen.decode(free.token_ids[:8]))
+  stop = free.text[m:m + 3]  # text of the 9th token onwards
+  assert len(stop) == 3
+  expected_text = free.text[:free.text.find(stop)]
+  assert expected_text
+  for chunk in (1, 4, 16):
+    out = gen.generate([request], generate.SamplingParams(max_new_tokens=16, stop_strings=(stop,),
+                                                          chunk_size=chunk))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == expected_text
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]
+    assert stop in gen.decode(out.token_ids) and stop not in gen.decode(out.token_ids[:-1])
+
+
+def test_stream_pieces_join_to_the_generated_text(with_tokenizer):
+  _, gen = with_tokenizer
+  request = gen.question("Describe the weather today.", [random_image(2)])  # same buckets as above
+  params = generate.SamplingParams(max_new_tokens=16)
+  pieces = list(gen.stream(request, params))
+  assert "".join(pieces) == gen.generate([request], params)[0].text
+  assert len(pieces) > 3
+
+
+def test_hold_back_keeps_possible_stop_prefixes():
+  assert generate._hold_back("hello </", ("</s>",)) == "hello "
+  assert generate._hold_back("hello <", ("</s>", "<|im_end|>")) == "hello "
+  assert generate._hold_back("hello", ("</s>",)) == "hello"
+  assert generate._hold_back("caf\ufffd", ()) == "caf"
