@@ -10,9 +10,7 @@ from flax import nnx
 from PIL import Image
 
 from llava_jax import generate
-from llava_jax.models import loaders
-from llava_jax.models.config import IMAGE_TOKEN_INDEX, ModelConfig, RuntimeConfig
-from llava_jax.models.llava import LlavaModel
+from llava_jax.models.config import IMAGE_TOKEN_INDEX
 
 IMAGE_SIZE, N_PATCHES = 28, 4  # 28 px / 14 px patches -> 4 image positions
 
@@ -29,13 +27,6 @@ def tiny_hf_llava(vocab_size=100, image_token=99, seed=0):
       image_token_index=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default",
       projector_hidden_act="gelu", image_seq_length=N_PATCHES)
   return transformers.LlavaForConditionalGeneration(cfg).eval()
-
-
-def ours_from(hf, **cfg_overrides):
-  cfg = ModelConfig.from_hf_llava(hf.config, **cfg_overrides)
-  model = LlavaModel(cfg, RuntimeConfig(), rngs=nnx.Rngs(0))
-  nnx.update(model, loaders.load_llava_state_dict(model, hf.state_dict()))
-  return model
 
 
 def hf_greedy(hf, requests, max_new_tokens):
@@ -70,10 +61,22 @@ def mixed_requests(seed=0):
   ]
 
 
+def converted(hf, folder, tokenizer_dir):
+  """save_pretrained -> `python -m llava_jax.convert from-hf` -> model folder (path)."""
+  from llava_jax import convert
+  hf.save_pretrained(folder / "hf")
+  assert convert.main(["from-hf", str(folder / "hf"), "--output", str(folder / "model"), "--tokenizer",
+                       str(tokenizer_dir), "--template", "vicuna_v1", "--image-aspect-ratio", "pad"]) == 0
+  return folder / "model"
+
+
 @pytest.fixture(scope="module")
-def small():
+def small(tmp_path_factory, llama_tokenizer_dir):
+  """A tiny random llava-hf model and an engine on it, through from-hf and the model folder."""
+  from llava_jax import model_folder
   hf = tiny_hf_llava()
-  return hf, generate.Engine(ours_from(hf))
+  path = converted(hf, tmp_path_factory.mktemp("small"), llama_tokenizer_dir)
+  return hf, generate.Engine(model_folder.load_model(path))
 
 
 @pytest.mark.parametrize("rows", [[0, 1, 2], [1]], ids=["batch", "single"])
@@ -92,7 +95,7 @@ def test_eos_ends_a_row_and_batch_rows_are_independent(small):
   # make row 0's 4th token the end token: row 0 stops there, the other rows go on as before until they meet it
   eos = free[0][3]
   compiled = generate._prefill._cache_size(), generate._decode._cache_size()
-  stopping = generate.Engine(ours_from(hf), eos_token_id=eos)
+  stopping = generate.Engine(nnx.merge(engine.graphdef, engine.state), eos_token_id=eos)
   got = stopping.generate_ids(requests, generate.SamplingParams(max_new_tokens=10))
   # an engine of an equal model shares the compiled programs
   assert (generate._prefill._cache_size(), generate._decode._cache_size()) == compiled
@@ -184,11 +187,17 @@ def test_sampled_generation_seeded(small):
 
 
 @pytest.fixture(scope="module")
-def with_tokenizer(llama_tokenizer_dir):
-  """A model with the LLaMA vocabulary (+ llava-hf's '<image>' at 32000) and the real tokenizer."""
+def model_dir(tmp_path_factory, llama_tokenizer_dir):
+  """A model folder (from-hf) with the LLaMA vocabulary (+ llava-hf's '<image>' at 32000) and the real tokenizer,
+  and the transformers model it came from."""
   hf = tiny_hf_llava(vocab_size=32001, image_token=32000, seed=1)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir)
-  return hf, generate.Generator(ours_from(hf, template="vicuna_v1", image_aspect_ratio="pad"), tokenizer)
+  return hf, converted(hf, tmp_path_factory.mktemp("tok"), llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(model_dir):
+  hf, path = model_dir
+  return hf, generate.Generator.from_folder(str(path))
 
 
 def random_image(seed, size=(36, 20)):
@@ -245,3 +254,15 @@ def test_hold_back_keeps_possible_stop_prefixes():
   assert generate._hold_back("hello <", ("</s>", "<|im_end|>")) == "hello "
   assert generate._hold_back("hello", ("</s>",)) == "hello"
   assert generate._hold_back("caf\ufffd", ()) == "caf"
+
+
+def test_cli_prints_only_the_answer(with_tokenizer, model_dir, tmp_path, capsys):
+  _, gen = with_tokenizer
+  _, path = model_dir
+  image = tmp_path / "image.png"
+  random_image(3).save(image)
+  argv = ["--model", str(path), "--image", str(image), "--prompt", "What is in the image?", "--max-new-tokens", "16"]
+  assert generate.main(argv) == 0
+  expected = gen.generate([gen.question("What is in the image?", [str(image)])], gen.params(max_new_tokens=16))[0]
+  assert expected.text.strip()
+  assert capsys.readouterr().out == expected.text.strip() + "\n"
