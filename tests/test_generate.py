@@ -7,45 +7,11 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from PIL import Image
 
 from llava_jax import generate
+from llava_jax import generate_testing as testing
+from llava_jax.generate_testing import IMAGE_SIZE, hf_greedy, random_image, tiny_hf_llava
 from llava_jax.models.config import IMAGE_TOKEN_INDEX
-
-IMAGE_SIZE, N_PATCHES = 28, 4  # 28 px / 14 px patches -> 4 image positions
-
-
-def tiny_hf_llava(vocab_size=100, image_token=99, seed=0):
-  """A random llava-hf model (transformers), fp32, eval mode."""
-  torch.manual_seed(seed)
-  cfg = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=14),
-      text_config=transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           max_position_embeddings=256),
-      image_token_index=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default",
-      projector_hidden_act="gelu", image_seq_length=N_PATCHES)
-  return transformers.LlavaForConditionalGeneration(cfg).eval()
-
-
-def hf_greedy(hf, requests, max_new_tokens):
-  """transformers' greedy `generate` on a left-padded batch: each placeholder expanded to the image token."""
-  image_token = hf.config.image_token_index
-  rows = [np.concatenate([[image_token] * N_PATCHES if t == IMAGE_TOKEN_INDEX else [t] for t in r.input_ids])
-          for r in requests]
-  length = max(len(r) for r in rows)
-  ids = np.zeros((len(rows), length), np.int64)
-  mask = np.zeros((len(rows), length), np.int64)
-  for i, r in enumerate(rows):
-    ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
-  images = [r.images for r in requests if r.images is not None]
-  pixels = torch.from_numpy(np.concatenate(images).transpose(0, 3, 1, 2)) if images else None
-  with torch.no_grad():
-    out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), pixel_values=pixels,
-                      max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1)
-  eos = hf.config.text_config.eos_token_id
-  return [generate._until_eos(row, eos) for row in out[:, length:].numpy()]
 
 
 def mixed_requests(seed=0):
@@ -61,21 +27,12 @@ def mixed_requests(seed=0):
   ]
 
 
-def converted(hf, folder, tokenizer_dir):
-  """save_pretrained -> `python -m llava_jax.convert from-hf` -> model folder (path)."""
-  from llava_jax import convert
-  hf.save_pretrained(folder / "hf")
-  assert convert.main(["from-hf", str(folder / "hf"), "--output", str(folder / "model"), "--tokenizer",
-                       str(tokenizer_dir), "--template", "vicuna_v1", "--image-aspect-ratio", "pad"]) == 0
-  return folder / "model"
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, llama_tokenizer_dir):
   """A tiny random llava-hf model and an engine on it, through from-hf and the model folder."""
   from llava_jax import model_folder
   hf = tiny_hf_llava()
-  path = converted(hf, tmp_path_factory.mktemp("small"), llama_tokenizer_dir)
+  path = testing.convert_to_folder(hf, tmp_path_factory.mktemp("small"), llama_tokenizer_dir)
   return hf, generate.Engine(model_folder.load_model(path))
 
 
@@ -190,18 +147,13 @@ def test_sampled_generation_seeded(small):
 def model_dir(tmp_path_factory, llama_tokenizer_dir):
   """A model folder (from-hf) with the LLaMA vocabulary (+ llava-hf's '<image>' at 32000) and the real tokenizer,
   and the transformers model it came from."""
-  hf = tiny_hf_llava(vocab_size=32001, image_token=32000, seed=1)
-  return hf, converted(hf, tmp_path_factory.mktemp("tok"), llama_tokenizer_dir)
+  return testing.tokenizer_model_folder(tmp_path_factory.mktemp("tok"), llama_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def with_tokenizer(model_dir):
   hf, path = model_dir
   return hf, generate.Generator.from_folder(str(path))
-
-
-def random_image(seed, size=(36, 20)):
-  return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size[::-1], 3), np.uint8))
 
 
 def test_prompt_from_template_and_image_matches_transformers(with_tokenizer):
