@@ -211,9 +211,10 @@ class Engine:
 
   # --- host side ----------------------------------------------------------------------------------------------
 
-  def prepare(self, requests: Sequence[Request], max_new_tokens: int) -> dict[str, Any]:
+  def prepare(self, requests: Sequence[Request], max_new_tokens: int, min_rows: int = 1) -> dict[str, Any]:
     """Pads a batch to its buckets: ids int32[B, T] (right-padded), mask bool[B, T], images float32[I, S, S, 3]
-    or None, and the static sizes prompt_len (L), cache_len (S) and max_new (N)."""
+    or None, and the static sizes prompt_len (L), cache_len (S) and max_new (N). B >= `min_rows` (a fixed batch
+    size keeps a last, smaller batch in the same program)."""
     if not requests:
       raise ValueError("no requests")
     n_image_positions = self.cfg.image_seq_length
@@ -235,7 +236,7 @@ class Engine:
         images.append(req_images)
       rows.append(ids.astype(np.int32))
       expanded.append(ids.size + n_placeholders * (n_image_positions - 1))
-    b = batch_bucket(len(rows))
+    b = batch_bucket(max(len(rows), min_rows))
     t = bucket(max(r.size for r in rows))
     ids = np.full((b, t), self.pad_token_id, np.int32)
     mask = np.zeros((b, t), bool)
@@ -258,9 +259,10 @@ class Engine:
     return dict(input_ids=ids, attention_mask=mask, images=image_batch, prompt_len=prompt_len,
                 cache_len=prompt_len + max_new, max_new=max_new, num_rows=len(rows))
 
-  def start(self, requests: Sequence[Request], params: SamplingParams) -> tuple[DecodeState, int]:
+  def start(self, requests: Sequence[Request], params: SamplingParams, min_rows: int = 1
+            ) -> tuple[DecodeState, int]:
     """Runs the prefill: -> (state with one token generated, number of real rows)."""
-    batch = self.prepare(requests, params.max_new_tokens)
+    batch = self.prepare(requests, params.max_new_tokens, min_rows)
     ds = _prefill(self.state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                   None if batch["images"] is None else jnp.asarray(batch["images"]), jax.random.key(params.seed),
                   jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.int32(self.eos_token_id),
@@ -383,11 +385,13 @@ class Generator:
       ids = ids[:lo]
     return Output(ids, text, reason)
 
-  def generate(self, requests: Sequence[Request], params: SamplingParams | None = None) -> list[Output]:
-    """Generates for a batch of requests (padded to the batch bucket; outputs in order)."""
+  def generate(self, requests: Sequence[Request], params: SamplingParams | None = None, min_rows: int = 1
+               ) -> list[Output]:
+    """Generates for a batch of requests (padded to the batch bucket of max(len(requests), min_rows) rows);
+    outputs in order."""
     params = params or self.params()
     engine = self.engine
-    ds, n = engine.start(requests, params)
+    ds, n = engine.start(requests, params, min_rows)
     if not params.stop_strings:
       ds = engine.advance(ds, params, params.max_new_tokens)
       tokens, step = np.asarray(ds.tokens), int(ds.step)
