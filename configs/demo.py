@@ -14,7 +14,7 @@ def _stage(stage: int, steps: int, lr: float, template: str, aspect: str, max_le
   c.data.aspect = aspect
   c.data.max_length = max_length
   c.data.length_buckets = buckets
-  c.data.group_by_modality_length = False
+  c.data.group_by_modality_length = True  # length-sorted megabatches: most batches use the short bucket
   c.batch_size = 16
   c.num_train_steps = steps
   c.optim.learning_rate = lr

@@ -71,6 +71,12 @@ def data_config(config: ml_collections.ConfigDict, files: Any, **overrides) -> d
   return cfg | overrides
 
 
+def pipeline_records_per_epoch(data_cfg: dict) -> int:
+  """Records in one epoch of the pipeline's global order (the mixture's weighted draw, as the pipeline does)."""
+  mixture = records.MixtureSource.from_files(data_cfg["data_files"])
+  return len(mixture.epoch_indices(np.random.default_rng([data_cfg["seed"], 0])))
+
+
 def total_train_steps(config: ml_collections.ConfigDict) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
@@ -85,29 +91,84 @@ class BatchFeeder:
 
   def __init__(self, iterator, mesh, accum_steps: int):
     self.iterator, self.mesh, self.accum = iterator, mesh, accum_steps
+    self._reorder = {}  # images sharding -> jitted reordering (multi-process batches, see global_image_order)
 
   def _sharding(self, shape) -> NamedSharding:
     return NamedSharding(self.mesh, sharding._fit(P(None, sharding.BATCH), shape, self.mesh))
 
   def next(self) -> tuple[dict[str, jax.Array], int]:
-    """-> (global batch, number of real token positions in this process's part)."""
-    micro = [next(self.iterator) for _ in range(self.accum)]
-    length = max(m["input_ids"].shape[1] for m in micro)
-    n_images = max(m["images"].shape[0] for m in micro)
+    """-> (global batch, number of real token positions in this process's part).
+
+    One pipeline batch of accum x B rows is split into `accum` micro-batches, so the data order (and LLaVA's
+    length grouping) is the same whatever the accumulation.
+    """
+    batch = next(self.iterator)
+    micro = split_micro_batches(batch, self.accum)
+    length = batch["input_ids"].shape[1]
+    counts = np.array([m["images"].shape[0] for m in micro])  # real images of each micro-batch
+    n_images = int(counts.max())
+    order = None
     if jax.process_count() > 1:  # every process must build the same global shapes
-      length, n_images = (int(x) for x in multihost_utils.process_allgather(
-          np.array([length, n_images])).max(axis=0))
-    tokens = int(sum(m["num_tokens"].sum() for m in micro))
-    local = {}
-    for key in self.KEYS:
-      arrays = [_pad_to(m[key], length, n_images, key) for m in micro]
-      local[key] = np.stack(arrays)
+      gathered = multihost_utils.process_allgather(np.concatenate([[length], counts]))  # [P, 1 + accum]
+      length, n_images = int(gathered[:, 0].max()), int(gathered[:, 1:].max())
+      order = global_image_order(gathered[:, 1:], n_images)
+    tokens = int(batch["num_tokens"].sum())
     proc = jax.process_count()
     out = {}
-    for key, value in local.items():
+    for key in self.KEYS:
+      value = np.stack([_pad_to(m[key], length, n_images, key) for m in micro])
       global_shape = (value.shape[0], value.shape[1] * proc) + value.shape[2:]
       out[key] = jax.make_array_from_process_local_data(self._sharding(global_shape), value, global_shape)
+    if order is not None:
+      order = jax.make_array_from_process_local_data(NamedSharding(self.mesh, P()), order)
+      target = out["images"].sharding
+      if target not in self._reorder:
+        self._reorder[target] = jax.jit(_take_images, out_shardings=target)
+      out["images"] = self._reorder[target](out["images"], order)
     return out, tokens
+
+
+def global_image_order(counts: np.ndarray, n_images: int) -> np.ndarray | None:
+  """Where each image of the global batch must come from so that `splice` finds it; None if already in place.
+
+  Each process contributes a block of `n_images` image slots, its real images first. `splice` takes images in
+  row-major placeholder order over the whole global batch, so the real images must come first, without the
+  padding slots of earlier processes between them.
+
+  Args:
+    counts: int[P, accum] real images in each process's micro-batches.
+    n_images: image slots per process and micro-batch.
+  Returns:
+    int32[accum, P * n_images]: slot k of the reordered array takes slot order[a, k] of the assembled one.
+  """
+  procs, accum = counts.shape
+  if n_images == 0 or np.all(counts[:-1] == n_images):
+    return None
+  order = np.empty((accum, procs * n_images), np.int32)
+  for a in range(accum):
+    real = [p * n_images + j for p in range(procs) for j in range(counts[p, a])]
+    padding = [p * n_images + j for p in range(procs) for j in range(counts[p, a], n_images)]
+    order[a] = real + padding
+  return order
+
+
+def _take_images(images: jax.Array, order: jax.Array) -> jax.Array:
+  """float32[accum, I, S, S, 3], int32[accum, I] -> images[a, order[a]] for each a."""
+  return jax.vmap(lambda x, o: x[o])(images, order)
+
+
+def split_micro_batches(batch: dict[str, np.ndarray], accum: int) -> list[dict[str, np.ndarray]]:
+  """Splits a pipeline batch row-wise into `accum` micro-batches, each with its own rows' images."""
+  rows = batch["input_ids"].shape[0] // accum
+  ends = np.cumsum(batch["num_images"])
+  out = []
+  for k in range(accum):
+    lo, hi = k * rows, (k + 1) * rows
+    first = int(ends[lo - 1]) if lo else 0
+    micro = {key: batch[key][lo:hi] for key in ("input_ids", "labels", "attention_mask")}
+    micro["images"] = batch["images"][first:int(ends[hi - 1])]
+    out.append(micro)
+  return out
 
 
 def _pad_to(array: np.ndarray, length: int, n_images: int, key: str) -> np.ndarray:
@@ -135,18 +196,22 @@ def write_outputs(workdir: str, model_cfg: ModelConfig, trainable, frozen, token
   return out_dir
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Runs one training stage in `workdir` (resuming from its latest checkpoint)."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> TrainResult:
+  """Runs one training stage in `workdir` (resuming from its latest checkpoint).
+
+  devices: the devices of the mesh (default: all).
+  """
   os.makedirs(workdir, exist_ok=True)
   runtime = RuntimeConfig(**config.runtime.to_dict())
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   model, tokenizer = build_model(config, runtime, mesh)
   parts = tuple(config.trainable) if config.trainable else optim.STAGE_TRAINABLE[config.stage]
   graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(parts), ...)
   total_steps = total_train_steps(config)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   param_shardings = sharding.state_shardings(trainable, mesh)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+  state = _on_mesh(TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable)), mesh)
+  frozen = _on_mesh(frozen, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   accum = config.accum_steps
@@ -154,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   if per_process * accum * jax.process_count() != config.batch_size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by accum_steps {accum} x "
                      f"{jax.process_count()} processes")
-  data_cfg = data_config(config, config.data.data_files, batch_size=per_process, num_epochs=None)
+  data_cfg = data_config(config, config.data.data_files, batch_size=per_process * accum, num_epochs=None)
   iterator = pipeline.make_train_iterator(data_cfg, tokenizer, model.cfg)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint_every,
@@ -162,7 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   start = checkpointer.latest_step()
   if start is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, data_state, _ = checkpointer.restore(start, abstract)
+    state, data_state, _ = checkpointer.restore(
+        start, abstract, records_per_epoch=lambda: pipeline_records_per_epoch(data_cfg))
     state = TrainState(*state)
     iterator.set_state(data_state)
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
@@ -224,6 +290,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     return TrainResult(step, None, losses, interrupted=True)
   model_dir = write_outputs(workdir, model.cfg, state.params, frozen, tokenizer, config.stage)
   return TrainResult(step, model_dir, losses)
+
+
+def _on_mesh(tree: Any, mesh) -> Any:
+  """Leaves already sharded on `mesh` stay; the others (scalars, counters) are replicated on it."""
+  def place(x):
+    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, NamedSharding(mesh, P()))
+  return jax.tree.map(place, tree)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:

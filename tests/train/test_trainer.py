@@ -1,0 +1,178 @@
+"""The trainer on CPU: stages, frozen parameters, sharding, accumulation and exact resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import stage1 as stage1_config
+from configs import stage2 as stage2_config
+from llava_jax import demo, model_folder
+from llava_jax.data import demo as demo_data
+from llava_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """A small shapes dataset and a tokenizer trained on it (small vocabulary keeps the LM head cheap)."""
+  root = tmp_path_factory.mktemp("data")
+  paths = demo_data.write_demo_dataset(root, seed=1, num_stage1=96, num_stage2=96, num_heldout=8, image_size=28)
+  tok = demo.build_tokenizer(demo._corpus([paths["stage1"], paths["stage2"]]), str(root / "tok"), 400)
+  from transformers import AutoTokenizer
+  paths["tokenizer"] = tok
+  paths["vocab"] = len(AutoTokenizer.from_pretrained(tok))
+  return paths
+
+
+def make_config(stage, data, **overrides):
+  c = (stage1_config if stage == 1 else stage2_config).get_config("tiny")
+  c.data.data_files = data["stage1" if stage == 1 else "stage2"]
+  c.data.image_folder = data["image_folder"]
+  c.tokenizer = data["tokenizer"]
+  c.model.text.vocab_size = data["vocab"]
+  c.model.text.hidden_size = c.model.vision.hidden_size = 32
+  c.model.text.intermediate_size = c.model.vision.intermediate_size = 64
+  c.data.max_length, c.data.length_buckets = (64, (64,)) if stage == 1 else (192, (96, 192))
+  c.async_checkpoint = False
+  c.log_every = 1
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def _params(folder):
+  return {k: np.asarray(v) for k, v in _flat(model_folder.load_numpy_params(folder)).items()}
+
+
+def _flat(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  by_step = {}
+  for r in rows:
+    if "loss" in r:
+      by_step[r["step"]] = r["loss"]  # a resumed run re-logs steps after its checkpoint: keep the last
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_path):
+  cfg1 = make_config(1, data, num_train_steps=25)
+  result1 = trainer.train(cfg1, str(tmp_path / "s1"), devices=jax.devices()[:1])
+  assert np.mean(result1.losses[-5:]) < np.mean(result1.losses[:5])
+  init = _params(result1.model_dir)
+  assert os.path.exists(tmp_path / "s1" / "projector.safetensors")
+
+  cfg2 = make_config(2, data, num_train_steps=25, init_model=result1.model_dir)
+  result2 = trainer.train(cfg2, str(tmp_path / "s2"), devices=jax.devices()[:1])
+  assert np.mean(result2.losses[-5:]) < np.mean(result2.losses[:5])
+  final = _params(result2.model_dir)
+  for path, value in init.items():
+    if path[0] == "vision_tower":
+      np.testing.assert_array_equal(final[path], value, err_msg=str(path))  # frozen: bitwise unchanged
+    else:
+      assert not np.array_equal(final[path], value), path  # trained: projector and LLM moved
+
+  # stage 1's projector file loads as LLaVA's mm_projector.bin keys
+  from safetensors.numpy import load_file
+  proj = load_file(str(tmp_path / "s1" / "projector.safetensors"))
+  assert sorted(proj) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight", "model.mm_projector.2.bias",
+                          "model.mm_projector.2.weight"]
+  np.testing.assert_array_equal(proj["model.mm_projector.0.weight"],
+                                init[("projector", "linears", "0", "kernel")].T)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_optimizer_state_only_for_trainable_parameters(data, stage):
+  from llava_jax.models.config import ModelConfig
+  from llava_jax.models.llava import LlavaModel
+  from llava_jax.train import optim
+  cfg = make_config(stage, data)
+  model = nnx.eval_shape(lambda: LlavaModel(ModelConfig.from_dict(cfg.model.to_dict()), rngs=nnx.Rngs(0)))
+  _, trainable, frozen = nnx.split(model, optim.trainable_filter(optim.STAGE_TRAINABLE[stage]), ...)
+  tx, _ = optim.make_optimizer(cfg.optim, 10)
+  opt_state = jax.eval_shape(tx.init, trainable)
+  parts = {p[0] for p, _ in nnx.to_flat_state(trainable)}
+  assert parts == ({"projector"} if stage == 1 else {"projector", "language_model"})
+  assert {p[0] for p, _ in nnx.to_flat_state(frozen)} == {"vision_tower", "projector", "language_model"} - parts
+  leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+  big = [jax.tree_util.keystr(p) for p, leaf in leaves if getattr(leaf, "ndim", 0) > 0]
+  assert big and all(any(part in k for part in parts) for k in big)
+  assert not any("vision_tower" in k for k in big)
+
+
+def test_eight_devices_fsdp_tensor_equal_one_device(data, tmp_path):
+  one = trainer.train(make_config(2, data, num_train_steps=4), str(tmp_path / "one"), devices=jax.devices()[:1])
+  cfg = make_config(2, data, num_train_steps=4, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+  eight = trainer.train(cfg, str(tmp_path / "eight"))
+  np.testing.assert_allclose(eight.losses, one.losses, rtol=1e-5)
+  a, b = _params(one.model_dir), _params(eight.model_dir)
+  for path in a:
+    np.testing.assert_allclose(b[path], a[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight(data, tmp_path):
+  # LLaVA's loss is the mean over the supervised tokens of the whole batch, micro-batches included.
+  full = trainer.train(make_config(2, data, num_train_steps=3, batch_size=8), str(tmp_path / "full"),
+                       devices=jax.devices()[:1])
+  accum = trainer.train(make_config(2, data, num_train_steps=3, batch_size=8, accum_steps=4),
+                        str(tmp_path / "accum"), devices=jax.devices()[:1])
+  np.testing.assert_allclose(accum.losses, full.losses, rtol=1e-5)
+  a, b = _params(full.model_dir), _params(accum.model_dir)
+  for path in a:
+    np.testing.assert_allclose(b[path], a[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def _run_main(workdir, data, steps, env):
+  args = [sys.executable, "-m", "llava_jax.main", "--config=configs/stage2.py:tiny", f"--workdir={workdir}",
+          f"--config.data.data_files={data['stage2']}", f"--config.data.image_folder={data['image_folder']}",
+          f"--config.tokenizer={data['tokenizer']}", f"--config.model.text.vocab_size={data['vocab']}",
+          "--config.model.text.hidden_size=32", "--config.model.vision.hidden_size=32",
+          f"--config.num_train_steps={steps}", "--config.checkpoint_every=4", "--config.log_every=1",
+          "--config.async_checkpoint=False", "--config.mesh.fsdp=1"]
+  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  steps = 10
+  straight = _run_main(tmp_path / "straight", data, steps, env)
+  out, _ = straight.communicate(timeout=600)
+  assert straight.returncode == 0, out.decode()[-3000:]
+
+  killed = _run_main(tmp_path / "killed", data, steps, env)
+  marker = tmp_path / "killed" / "checkpoints" / "4"
+  deadline = time.time() + 600
+  while not marker.exists() and killed.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert marker.exists(), killed.communicate()[0].decode()[-3000:]
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / "killed" / "model").exists()
+  resumed = _run_main(tmp_path / "killed", data, steps, env)
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out.decode()[-3000:]
+
+  assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
+  a, b = _params(tmp_path / "straight" / "model"), _params(tmp_path / "killed" / "model")
+  for path in a:
+    np.testing.assert_array_equal(b[path], a[path], err_msg=str(path))
