@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from llava_jax import checkpoint_io, convert, model_folder
+from llava_jax.convert import verify
 from llava_jax.models import loaders
 from llava_jax.models.config import IMAGE_TOKEN_INDEX
 
@@ -68,10 +70,7 @@ def hf_logits(model, hf_ids, image):
 
 
 def our_logits(folder, ids, image, length):
-  model = model_folder.load_model(folder)
-  spliced = model.embed_inputs(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32), jnp.asarray(image), out_len=length)
-  hidden, _ = model.language_model.decode(spliced.embeds, spliced.positions)
-  return np.asarray(model.language_model.logits(hidden)[0])
+  return verify._our_logits(model_folder.load_model(folder), ids, image, length)
 
 
 def run(argv, capsys=None):
@@ -169,6 +168,14 @@ def original_converted(original, tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="module")
+def original_hf(original_converted, tmp_path_factory):
+  """to-hf of `original_converted`, shards of at most 1 MB."""
+  out = tmp_path_factory.mktemp("to_hf") / "hf"
+  assert run(["to-hf", original_converted, "--output", out, "--max-shard-size", "1MB"])[0] == 0
+  return out
+
+
 # --- from-hf ---------------------------------------------------------------------------------------------------------
 
 
@@ -254,12 +261,12 @@ def test_assemble_fresh_projector_matches_sources(parts, tmp_path, capsys):
   with torch.no_grad():
     hidden = clip.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
                                output_hidden_states=True).hidden_states
-  feats = model.vision_tower.features(jnp.asarray(images), -2, "patch")
+  feats = nnx.jit(lambda m, x: m.vision_tower.features(x, -2, "patch"))(model, jnp.asarray(images))
   np.testing.assert_allclose(np.asarray(feats), hidden[-2][:, 1:].numpy(), rtol=1e-5, atol=1e-5)
   ids = np.array([[1, 15043, 3186, 338, 263, 1243]], np.int32)
   with torch.no_grad():
     ref = llama(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-  np.testing.assert_allclose(np.asarray(model.language_model(jnp.asarray(ids))), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m.language_model(x))(model, jnp.asarray(ids))), ref, rtol=1e-5, atol=1e-5)
   # fresh projector: torch.nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), seeded
   for linear, fan_in in zip(model.projector.linears, (32, 32)):
     for p in (np.asarray(linear.kernel.value), np.asarray(linear.bias.value)):
@@ -305,11 +312,9 @@ def test_assemble_with_stage1_projector(parts, tmp_path, form):
 # --- to-hf and verify ------------------------------------------------------------------------------------------------
 
 
-def test_to_hf_from_original_loads_in_transformers(original, original_converted, tmp_path, capsys):
+def test_to_hf_from_original_loads_in_transformers(original, original_hf):
   _, _, reference = original
-  code, out = run(["to-hf", original_converted, "--output", tmp_path / "hf", "--max-shard-size", "1MB"], capsys)
-  assert code == 0, out.err
-  hf_dir = tmp_path / "hf"
+  hf_dir = original_hf
   index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   loaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
@@ -363,30 +368,27 @@ def test_from_hf_to_hf_round_trip_is_exact(llava_hf, tmp_path):
   assert len(tok) == 32002 and tok.convert_tokens_to_ids("<image>") == HF_IMAGE
 
 
-def test_verify_passes_and_fails(original_converted, tmp_path, capsys):
-  assert run(["to-hf", original_converted, "--output", tmp_path / "hf"])[0] == 0
-  code, out = run(["verify", original_converted, "--hf", tmp_path / "hf"], capsys)
+def test_verify_passes_and_fails(original_converted, original_hf, tmp_path, capsys):
+  code, out = run(["verify", original_converted, "--hf", original_hf], capsys)
   assert code == 0 and "OK" in out.out, out.out
   diff = float(out.out.split("max |logit diff| ")[1].split()[0])
   assert diff < 1e-4
-  shutil.copytree(tmp_path / "hf", tmp_path / "bad")
-  weights = load_file(str(tmp_path / "bad" / "model.safetensors"))
+  shutil.copytree(original_hf, tmp_path / "bad")
+  index = json.loads((tmp_path / "bad" / "model.safetensors.index.json").read_text())
+  shard = tmp_path / "bad" / index["weight_map"]["language_model.model.norm.weight"]
+  weights = load_file(str(shard))
   weights["language_model.model.norm.weight"] = weights["language_model.model.norm.weight"] * 1.5
-  save_file(weights, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
+  save_file(weights, str(shard), metadata={"format": "pt"})
   code, out = run(["verify", original_converted, "--hf", tmp_path / "bad"], capsys)
   assert code == 1 and "FAIL" in out.out
 
 
-def test_cli_in_subprocess(original_converted, tmp_path):
+def test_cli_in_subprocess(original_converted, original_hf):
   """`python -m llava_jax.convert` as a user runs it."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  hf = tmp_path / "hf"
-  proc = subprocess.run([sys.executable, "-m", "llava_jax.convert", "to-hf", str(original_converted), "--output",
-                         str(hf)], capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == 0, proc.stderr
   proc = subprocess.run([sys.executable, "-m", "llava_jax.convert", "verify", str(original_converted), "--hf",
-                         str(hf)], capture_output=True, text=True, env=env, timeout=300)
+                         str(original_hf)], capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 

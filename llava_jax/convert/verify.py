@@ -93,7 +93,12 @@ def verify(args: argparse.Namespace) -> int:
 def _our_logits(model, ids: np.ndarray, pixels: np.ndarray, length: int) -> np.ndarray:
   """float32[L, V] logits of one sample expanded to `length` positions."""
   import jax.numpy as jnp
-  mask = jnp.ones(ids.shape, jnp.int32)
-  spliced = model.embed_inputs(jnp.asarray(ids), mask, jnp.asarray(pixels), out_len=length)
-  hidden, _ = model.language_model.decode(spliced.embeds, spliced.positions)
-  return np.asarray(model.language_model.logits(hidden)[0], np.float32)
+  from flax import nnx
+
+  @nnx.jit(static_argnums=3)
+  def forward(model, ids, pixels, length):
+    spliced = model.embed_inputs(ids, jnp.ones(ids.shape, jnp.int32), pixels, out_len=length)
+    hidden, _ = model.language_model.decode(spliced.embeds, spliced.positions)
+    return model.language_model.logits(hidden)[0]
+
+  return np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(pixels), length), np.float32)
