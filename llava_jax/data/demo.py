@@ -8,9 +8,10 @@ size) on a white background, grouped on one side of the image. Every question is
 alone with one word from a small set, so a tiny model can learn it in minutes and is at chance without images:
   color: red green blue yellow purple orange | shape: circle square triangle cross | count: 1 2 3 4 |
   position: left right top bottom (where the group's centre is) | size: small large.
-Layout: the image is a 4x4 grid of cells; the group sits around the centre of the image's left/right/top/bottom
-half (2x2 block, row, column or triangle of cells) with a small jitter; a large shape spans 0.8 cell, a small
-one 0.5 cell (at 56 px: 11 and 7 px). From 56 px up shapes are drawn without anti-aliasing (exact colours);
+Layout: the image is a 4x4 grid of cells (at 56 px the 14-px patches of a ViT); each shape sits at the centre
+of its own cell, the cells drawn from the image's left/right/top/bottom half so that the group's centre is
+clearly on that side, the group shifted by a shared jitter of up to 1/64 of the image; a large shape spans
+0.8 cell, a small one 0.5 cell (at 56 px: 11 and 7 px). From 56 px up shapes are drawn without anti-aliasing (exact colours);
 smaller images (down to 28 px) are drawn at twice the size or more and box-downsampled.
 
 Files written (paths relative to DIR; images relative to DIR/images, LLaVA's --image_folder):
@@ -49,9 +50,9 @@ ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(c) for c 
            "position": POSITIONS, "size": SIZES}
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 
-_ZONE_CENTRES = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
+_GRID = 4  # cells per side
 _SIDE = {"small": 0.125, "large": 0.2}  # fraction of the image side (cell = 0.25)
-_JITTER = 1 / 32
+_JITTER = 1 / 64  # shared by the group; keeps every shape inside its cell
 _CRISP_SIZE = 56  # smallest size drawn without supersampling
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -64,7 +65,7 @@ class Scene:
   count: int
   position: str
   centres: tuple[tuple[float, float], ...]  # (x, y) of each shape, fractions of the image side
-  arrangement: str  # single | side by side | one above the other | row | column | triangle | grid
+  arrangement: str  # single | row | column | grid (a 2x2 block) | group
 
   def answer(self, category: str) -> str:
     return str(self.count) if category == "count" else getattr(self, category)
@@ -73,42 +74,52 @@ class Scene:
     return {**dataclasses.asdict(self), "centres": [list(c) for c in self.centres]}
 
 
-def _arrangement(count: int, position: str, rng: np.random.Generator) -> tuple[str, list[tuple[float, float]]]:
-  """Offsets in cells around the zone centre; lines run along the half's long side."""
-  tall = position in ("left", "right")
-  if count == 1:
-    return "single", [(0, 0)]
-  if count == 2:
-    return (("side by side", [(-.5, 0), (.5, 0)]) if rng.integers(2) else
-            ("one above the other", [(0, -.5), (0, .5)]))
-  if count == 3:
-    if rng.integers(2):
-      return "triangle", [(0, -.5), (-.5, .5), (.5, .5)]
-    return ("column", [(0, -1), (0, 0), (0, 1)]) if tall else ("row", [(-1, 0), (0, 0), (1, 0)])
-  return "grid", [(-.5, -.5), (.5, -.5), (-.5, .5), (.5, .5)]
+def _side_of(cells: np.ndarray) -> str | None:
+  """The side of the image the cells' centre is clearly on (None if it is not clear)."""
+  dx, dy = (cells.mean(0) + 0.5) / _GRID - 0.5
+  if abs(dx) >= 0.2 and abs(dx) >= 2.5 * abs(dy):
+    return "left" if dx < 0 else "right"
+  if abs(dy) >= 0.2 and abs(dy) >= 2.5 * abs(dx):
+    return "top" if dy < 0 else "bottom"
+  return None
+
+
+def _arrangement_name(cells: np.ndarray) -> str:
+  if len(cells) == 1:
+    return "single"
+  if len(set(cells[:, 1])) == 1:
+    return "row"
+  if len(set(cells[:, 0])) == 1:
+    return "column"
+  if len(cells) == 4 and np.ptp(cells[:, 0]) == 1 and np.ptp(cells[:, 1]) == 1:
+    return "grid"
+  return "group"
 
 
 def sample_scene(rng: np.random.Generator, **fixed: Any) -> Scene:
-  """A random scene; `fixed` pins attributes (color=, shape=, size=, count=, position=)."""
+  """A random scene; `fixed` pins attributes (color=, shape=, size=, count=, position=).
+
+  The shapes sit at the centres of distinct cells of a 4x4 grid (so a 14-px-patch vision tower at 56 px sees
+  each shape whole in one patch), chosen in the half of the image named by `position` such that the group's
+  centre is clearly on that side; the group is then shifted by a small shared jitter.
+  """
   unknown = set(fixed) - {"color", "shape", "size", "count", "position"}
   if unknown:
     raise ValueError(f"unknown scene attributes {sorted(unknown)}")
   pick = lambda name, values: fixed[name] if name in fixed else values[rng.integers(len(values))]
   color, shape, size = pick("color", tuple(COLORS)), pick("shape", SHAPES), pick("size", SIZES)
   count, position = int(pick("count", COUNTS)), pick("position", POSITIONS)
-  arrangement, offsets = _arrangement(count, position, rng)
-  zx, zy = _ZONE_CENTRES[position]
-  offsets = np.array(offsets, dtype=float)
-  offsets -= offsets.mean(0)  # the group's centre is the zone's centre, so the side is never ambiguous
-  xs, ys = zx + 0.25 * offsets[:, 0], zy + 0.25 * offsets[:, 1]
-  half = _SIDE[size] / 2
-  # Jitter the whole group, but keep every shape inside the image.
-  jitter_range = lambda v: (max(-_JITTER, half - v.min()), min(_JITTER, 1 - half - v.max()))
-  (x_lo, x_hi), (y_lo, y_hi) = jitter_range(xs), jitter_range(ys)
-  assert x_lo <= x_hi and y_lo <= y_hi, (arrangement, position, size)
-  jx, jy = rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)
-  centres = tuple((round(float(x + jx), 4), round(float(y + jy), 4)) for x, y in zip(xs, ys))
-  return Scene(color, shape, size, count, position, centres, arrangement)
+  half = {"left": lambda c, r: c < 2, "right": lambda c, r: c >= 2, "top": lambda c, r: r < 2,
+          "bottom": lambda c, r: r >= 2}[position]
+  region = np.array([(c, r) for r in range(_GRID) for c in range(_GRID) if half(c, r)])  # (column, row)
+  while True:  # rejection sampling: a few tries at most
+    cells = region[np.sort(rng.choice(len(region), size=count, replace=False))]
+    if _side_of(cells) == position:
+      break
+  jx, jy = rng.uniform(-_JITTER, _JITTER, size=2)
+  centres = tuple((round(float((c + 0.5) / _GRID + jx), 4), round(float((r + 0.5) / _GRID + jy), 4))
+                  for c, r in cells)
+  return Scene(color, shape, size, count, position, centres, _arrangement_name(cells))
 
 
 def render_scene(scene: Scene, image_size: int = 56) -> Image.Image:
@@ -228,9 +239,8 @@ def conversation(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]
 
 
 def detailed_description(scene: Scene, rng: np.random.Generator, requests: list[str]) -> list[dict[str, str]]:
-  layout = {"single": "", "side by side": ", side by side", "one above the other": ", one above the other",
-            "row": ", in a row", "column": ", in a column", "triangle": ", arranged in a triangle",
-            "grid": ", in a two-by-two grid"}[scene.arrangement]
+  layout = {"single": "", "row": ", in a row", "column": ", in a column", "grid": ", in a two-by-two grid",
+            "group": ""}[scene.arrangement]
   pronoun = "It is" if scene.count == 1 else "They are"
   text = (f"The image shows {_things(scene)} on a plain white background. {pronoun} placed {_where(scene)} of "
           f"the image{layout}. {pronoun} {'the only object' if scene.count == 1 else 'the only objects'} in the "

@@ -66,7 +66,7 @@ def analyse(path):
   ys, xs = np.nonzero(fg)
   dx, dy = (xs.mean() + 0.5) / size - 0.5, (ys.mean() + 0.5) / size - 0.5
   major, minor = max(abs(dx), abs(dy)), min(abs(dx), abs(dy))
-  assert major > 0.14 and major > 2 * minor, (dx, dy)  # the side is never ambiguous
+  assert major > 0.15 and major > 2 * minor, (dx, dy)  # the side is never ambiguous
   position = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
   return {"color": _hue_name(colours.pop()), "shape": shapes.pop(), "count": str(count), "position": position,
           "size": "large" if extents.pop() > 0.16 * size else "small"}
@@ -193,13 +193,16 @@ def test_answers_balanced_and_chance_without_images(dataset):
   for category, counter in by_category.items():
     assert set(counter) == set(demo.ANSWERS[category])
     assert max(counter.values()) - min(counter.values()) <= 1, (category, counter)
-  # The best image-blind guess (the most frequent answer for each exact question text) stays near chance.
+  # An image-blind guesser (the most frequent answer of each exact question text, fitted on one half of the
+  # questions and scored on the other) stays near chance.
   per_text = collections.defaultdict(collections.Counter)
-  for q, a in zip(questions, answers):
+  for q, a in list(zip(questions, answers))[::2]:
     per_text[q["text"]][a["answer"]] += 1
-  blind = sum(c.most_common(1)[0][1] for c in per_text.values()) / len(answers)
+  scored = list(zip(questions, answers))[1::2]
+  blind = np.mean([bool(per_text[q["text"]]) and per_text[q["text"]].most_common(1)[0][0] == a["answer"]
+                   for q, a in scored])
   chance = np.mean([1 / len(demo.ANSWERS[c]) for c in demo.CATEGORIES])
-  assert blind < chance + 0.12, (blind, chance)
+  assert blind < chance + 0.1, (blind, chance)
   # Training short answers cover every value of every category.
   train = collections.defaultdict(set)
   for r in stage2:
