@@ -185,17 +185,18 @@ class ChatClient:
     At most `2 * max_workers` items are in flight, so an interrupted run has started little it did not finish.
     """
     items = iter(items)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-      pending: dict[concurrent.futures.Future, Any] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_workers)
+    pending: dict[concurrent.futures.Future, Any] = {}
 
-      def refill():
-        while len(pending) < 2 * self.max_workers:
-          try:
-            item = next(items)
-          except StopIteration:
-            return
-          pending[pool.submit(fn, item)] = item
+    def refill():
+      while len(pending) < 2 * self.max_workers:
+        try:
+          item = next(items)
+        except StopIteration:
+          return
+        pending[pool.submit(fn, item)] = item
 
+    try:
       refill()
       while pending:
         done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -204,6 +205,8 @@ class ChatClient:
           error = future.exception()
           yield item, (None if error else future.result()), error
         refill()
+    finally:  # on an early exit (an error, Ctrl-C) drop queued work and wait only for running requests
+      pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _parse_retry_after(headers: dict[str, str]) -> float | None:

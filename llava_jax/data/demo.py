@@ -11,8 +11,8 @@ alone with one word from a small set, so a tiny model can learn it in minutes an
 Layout: the image is a 4x4 grid of cells (at 56 px the 14-px patches of a ViT); each shape sits at the centre
 of its own cell, the cells drawn from the image's left/right/top/bottom half so that the group's centre is
 clearly on that side, the group shifted by a shared jitter of up to 1/64 of the image; a large shape spans
-0.8 cell, a small one 0.5 cell (at 56 px: 11 and 7 px). From 56 px up shapes are drawn without anti-aliasing (exact colours);
-smaller images (down to 28 px) are drawn at twice the size or more and box-downsampled.
+0.8 cell, a small one 0.5 cell (at 56 px: 11 and 7 px). From 56 px up shapes are drawn without anti-aliasing
+(exact colours); smaller images (down to 28 px) are drawn at twice the size or more and box-downsampled.
 
 Files written (paths relative to DIR; images relative to DIR/images, LLaVA's --image_folder):
   stage1.json              [{id, image, conversations}]: '<image>' + a brief-description request -> a caption
