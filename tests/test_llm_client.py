@@ -180,3 +180,13 @@ def test_resumable_jsonl(tmp_path):
   with llm_client.ResumableJsonl(path, key="question_id") as w:
     w.write({"question_id": 6})
   assert [json.loads(l)["question_id"] for l in path.read_text().splitlines()] == [5, 6]
+
+
+def test_map_unordered_early_exit_drops_queued_work():
+  with FakeChatServer(lambda body, i: FakeResponse(content="x", delay_s=0.1)) as server:
+    client = _client(server, max_workers=2)
+    results = client.map_unordered(lambda i: client.chat([{"role": "user", "content": str(i)}]), range(50))
+    next(results)
+    results.close()  # e.g. the caller stopped on an error or Ctrl-C
+    time.sleep(0.3)
+    assert server.request_count() <= 2 * 2 + 2  # what was in flight or queued, not the 50
