@@ -1,0 +1,296 @@
+r"""Decode tokens/s: `llava_jax.generate.Engine` against transformers' `generate`, in the same run.
+
+LLaVA-1.5-7B shapes (CLIP ViT-L/14-336, mlp2x_gelu, LLaMA-7B with llava-hf's 32064 vocabulary), random weights,
+bf16 on GPU (float32 on CPU). Every prompt is BOS + one image (576 positions) + 39 text tokens: 576 image + 40
+text positions. Greedy, EOS ignored, so every row decodes exactly --new_tokens tokens.
+
+Measured, each the best of --repeats after a warm-up (excluded); every timing ends with `block_until_ready`
+(JAX) or `torch.cuda.synchronize` (PyTorch):
+- prefill: the prompt through the vision tower and the LLM, and the first token;
+- prefill + 8: the time to the first 9 tokens (prefill + 8 decode steps);
+- decode tokens/s: batch x (new_tokens - 9) / the time of decode steps 9 .. new_tokens
+  (JAX: one on-device loop call; transformers: generate(new_tokens) - generate(9), the same prefill in both);
+- compile: JAX's first call minus a warm call (prefill and decode programs), per batch size;
+- the memory-bandwidth bound: batch / (LLM weight bytes / copy bandwidth), the copy bandwidth measured with a
+  jitted `x * 2` over a large bf16 array (bytes read + written).
+Each side runs in a child process of its own (transformers first, then JAX), so the two CUDA stacks and
+allocators never share a process; the parent prints the table.
+
+  python benchmarks/decode.py                  # GPU, 7B shapes, batches 1 and 16
+  python benchmarks/decode.py --small          # tiny shapes, runs on CPU in a minute
+"""
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llava_jax import generate  # noqa: E402
+from llava_jax.models.config import IMAGE_TOKEN_INDEX, ModelConfig, RuntimeConfig, TextConfig, VisionConfig  # noqa: E402
+from llava_jax.models.llava import LlavaModel  # noqa: E402
+
+_SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (CPU-friendly) instead of LLaVA-7B.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", None, "Tokens decoded per row (default 128; --small 32).")
+_TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 40, "Text tokens of the prompt (BOS included).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "auto: bf16 on GPU, fp32 on CPU.")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run transformers.")
+_SKIP_JAX = flags.DEFINE_bool("skip_jax", False, "Do not run llava_jax.")
+_PART = flags.DEFINE_enum("part", "", ["", "hf", "jax"], "Internal: run one side and write --result_file.")
+_RESULT_FILE = flags.DEFINE_string("result_file", None, "Internal: where a part writes its JSON results.")
+
+IMAGE_TOKEN = 32000  # llava-hf's '<image>' id (vocabulary 32064)
+
+
+def model_config(small: bool) -> ModelConfig:
+  if small:
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=56, patch_size=14),
+        text=TextConfig(vocab_size=32064, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024),
+        image_token_id=IMAGE_TOKEN)
+  return ModelConfig(text=TextConfig(vocab_size=32064), image_token_id=IMAGE_TOKEN)
+
+
+def hf_config(cfg: ModelConfig):
+  import transformers
+  v, t = cfg.vision, cfg.text
+  return transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(
+          hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+          num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+          projection_dim=768, hidden_act="quick_gelu"),
+      text_config=transformers.LlamaConfig(
+          vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+          num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+          num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+          rms_norm_eps=t.rms_norm_eps),
+      image_token_index=IMAGE_TOKEN, vision_feature_layer=cfg.vision_feature_layer,
+      vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=cfg.image_seq_length)
+
+
+def prompts(cfg: ModelConfig, batch: int, text_tokens: int, seed: int = 0):
+  """(ids int32[B, text_tokens + 1] with one IMAGE_TOKEN_INDEX after BOS, images float32[B, S, S, 3])."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(3, 31999, (batch, text_tokens + 1)).astype(np.int32)
+  ids[:, 0], ids[:, 1] = 1, IMAGE_TOKEN_INDEX
+  s = cfg.vision.image_size
+  return ids, rng.randn(batch, s, s, 3).astype(np.float32)
+
+
+def llm_weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
+  t = cfg.text
+  per_layer = (t.hidden_size * t.head_size * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+               + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+  return itemsize * (t.num_hidden_layers * per_layer + 2 * t.vocab_size * t.hidden_size + t.hidden_size)
+
+
+def copy_bandwidth(dtype, n_bytes: int) -> float:
+  """Bytes/s of a jitted `x * 2` (n_bytes read + n_bytes written), best of 5. (float32: bf16 arithmetic is
+  emulated on CPU; on GPU the dtype makes no difference to a copy.)"""
+  x = jnp.ones((n_bytes // jnp.dtype(dtype).itemsize,), dtype)
+  f = jax.jit(lambda a: a * 2)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  del x
+  return 2 * n_bytes / best
+
+
+def best_of(fn, repeats):
+  """Smallest result of `repeats` calls (elementwise for tuples)."""
+  results = [fn() for _ in range(repeats)]
+  if isinstance(results[0], tuple):
+    return tuple(min(r[i] for r in results) for i in range(len(results[0])))
+  return min(results)
+
+
+# --- transformers ---------------------------------------------------------------------------------------------
+
+
+def run_hf(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats):
+  import torch
+  import transformers
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, dtype_name)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t0 = time.perf_counter()
+  with torch.device(device):
+    model = transformers.LlavaForConditionalGeneration._from_config(hf_config(cfg), dtype=dtype,
+                                                                     attn_implementation="sdpa").eval()
+  print(f"transformers {transformers.__version__}, torch {torch.__version__}, {device}, init "
+        f"{time.perf_counter() - t0:.1f} s", flush=True)
+  n_img = cfg.image_seq_length
+  results = {}
+  for batch in batches:
+    ids, images = prompts(cfg, batch, text_tokens)
+    expanded = np.concatenate([ids[:, :1], np.full((batch, n_img), IMAGE_TOKEN), ids[:, 2:]], axis=1)
+    input_ids = torch.from_numpy(expanded.astype(np.int64)).to(device)
+    mask = torch.ones_like(input_ids)
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2)).to(device, dtype)
+
+    def timed(n):
+      sync()
+      t0 = time.perf_counter()
+      with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, num_beams=1, pad_token_id=0)
+      sync()
+      assert out.shape[1] == input_ids.shape[1] + n, out.shape
+      return time.perf_counter() - t0
+
+    if device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    timed(2)  # warm-up
+    prefill = best_of(lambda: timed(1), repeats)
+    first9 = best_of(lambda: timed(9), repeats)
+    full = best_of(lambda: timed(new_tokens), repeats)
+    results[batch] = dict(prefill_s=prefill, first9_s=first9,
+                          decode_tok_s=batch * (new_tokens - 9) / max(full - first9, 1e-9),
+                          peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None)
+    print(f"  hf batch {batch}: {results[batch]}", flush=True)
+  return results
+
+
+# --- llava_jax ------------------------------------------------------------------------------------------------
+
+
+def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats):
+  t0 = time.perf_counter()
+  runtime = RuntimeConfig(param_dtype=dtype_name, dtype=dtype_name)
+  model = nnx.jit(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0)))()
+  jax.block_until_ready(nnx.state(model))
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, init {time.perf_counter() - t0:.1f} s, "
+        f"attention {model.language_model.layers.self_attn.implementation} (masked: xla)", flush=True)
+  engine = generate.Engine(model)
+  params = generate.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+  results = {}
+  for batch in batches:
+    ids, images = prompts(cfg, batch, text_tokens)
+    requests = [generate.Request(ids[i], images[i:i + 1]) for i in range(batch)]
+
+    def timed():
+      """-> (prefill s, prefill + 8 s, decode s of steps 9..new_tokens)."""
+      t0 = time.perf_counter()
+      ds, _ = engine.start(requests, params)
+      jax.block_until_ready(ds)
+      t1 = time.perf_counter()
+      ds = engine.advance(ds, params, 9)
+      jax.block_until_ready(ds)
+      t2 = time.perf_counter()
+      ds = engine.advance(ds, params, new_tokens)
+      jax.block_until_ready(ds)
+      t3 = time.perf_counter()
+      assert int(ds.step) == new_tokens, int(ds.step)
+      return t1 - t0, t2 - t0, t3 - t2
+
+    first = timed()  # compiles
+    prefill, first9, decode = best_of(timed, repeats)
+    stats = jax.devices()[0].memory_stats() or {}
+    results[batch] = dict(prefill_s=prefill, first9_s=first9,
+                          decode_tok_s=batch * (new_tokens - 9) / decode,
+                          compile_s=(first[1] + first[2]) - (first9 + decode),
+                          peak_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
+    print(f"  jax batch {batch}: {results[batch]}", flush=True)
+  return results
+
+
+def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
+  """One side in this process: {'batches': {batch: results}, 'dtype': ..., ...}."""
+  dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  if part == "hf":
+    import torch
+    if jax.default_backend() != "cpu" and not torch.cuda.is_available():
+      raise SystemExit("transformers: torch sees no GPU here (CPU-only torch?); not running 7B shapes on CPU. "
+                       "Use --skip_hf, or install a CUDA build of torch.")
+    return {"batches": run_hf(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value),
+            "dtype": dtype}
+  backend = jax.default_backend()
+  out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value)}
+  out["bandwidth"] = copy_bandwidth(jnp.float32, (256 << 20) if backend == "cpu" else (4 << 30))
+  out["device"] = jax.devices()[0].device_kind
+  out["dtype"] = dtype
+  return out
+
+
+def main(argv):
+  del argv
+  small = _SMALL.value
+  cfg = model_config(small)
+  new_tokens = _NEW_TOKENS.value or (32 if small else 128)
+  if new_tokens <= 9:
+    raise app.UsageError("--new_tokens must be > 9")
+  batches = [int(b) for b in _BATCH_SIZES.value]
+  if _PART.value:
+    result = run_part(_PART.value, cfg, batches, new_tokens)
+    with open(_RESULT_FILE.value, "w") as f:
+      json.dump(result, f)
+    return
+
+  print(f"shapes: {'small' if small else 'LLaVA-7B'}; prompt {cfg.image_seq_length} image + {_TEXT_TOKENS.value} "
+        f"text positions; {new_tokens} new tokens; dtype {_DTYPE.value}", flush=True)
+  # Each side in its own process: PyTorch and JAX each load their own CUDA libraries (cuDNN versions may
+  # differ) and allocators, and a side's failure does not lose the other's numbers.
+  results = {}
+  for part, skip in (("hf", _SKIP_HF.value), ("jax", _SKIP_JAX.value)):
+    if skip:
+      continue
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "result.json")
+      argv = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--result_file={path}",
+              f"--small={small}", f"--batch_sizes={','.join(map(str, batches))}", f"--new_tokens={new_tokens}",
+              f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}", f"--dtype={_DTYPE.value}"]
+      t0 = time.perf_counter()
+      rc = subprocess.run(argv, check=False).returncode
+      print(f"[{part}: exit {rc}, {time.perf_counter() - t0:.0f} s wall]", flush=True)
+      if rc == 0:
+        with open(path) as f:
+          results[part] = json.load(f)
+  if not results:
+    raise SystemExit("no side produced results")
+  hf = {int(k): v for k, v in results.get("hf", {}).get("batches", {}).items()}
+  ours = {int(k): v for k, v in results.get("jax", {}).get("batches", {}).items()}
+  bandwidth = results.get("jax", {}).get("bandwidth")
+  dtype = next(r["dtype"] for r in results.values())
+  weights = llm_weight_bytes(cfg, jnp.dtype(dtype).itemsize)
+  step_bound_s = weights / bandwidth if bandwidth else None
+
+  print(f"\ndevice: {results.get('jax', {}).get('device', '?')}; LLM weights {weights / 1e9:.3f} GB ({dtype})")
+  if bandwidth:
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound at batch 1: {1 / step_bound_s:.1f} tokens/s "
+          "(weights only; KV cache reads not counted); batch B: B x that")
+  header = ("| impl | batch | prefill s | prefill + 8 tok s | decode tok/s | steps/s | % of bound | vs HF | "
+            "compile s | peak GB |")
+  print(header)
+  print("|---" * (header.count("|") - 1) + "|")
+  fmt = lambda v, spec, unit="": "" if v is None else format(v, spec) + unit
+  for batch in batches:
+    for name, res in (("transformers", hf), ("llava_jax", ours)):
+      if batch not in res:
+        continue
+      r = res[batch]
+      share = r["decode_tok_s"] * step_bound_s / batch if step_bound_s else None
+      vs = (r["decode_tok_s"] / hf[batch]["decode_tok_s"]) if name == "llava_jax" and batch in hf else None
+      print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_tok_s'] / batch:.1f} | {fmt(share and 100 * share, '.0f', '%')} | {fmt(vs, '.2f', 'x')} | "
+            f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
