@@ -177,8 +177,10 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
   model = nnx.jit(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0)))()
   jax.block_until_ready(nnx.state(model))
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, init {time.perf_counter() - t0:.1f} s, "
-        f"attention {model.language_model.layers.self_attn.implementation} (masked: xla)", flush=True)
-  engine = generate.Engine(model)
+        f"attention: vision {getattr(model.vision_tower.layers.self_attn, 'implementation', '?')}, "
+        "LLM (masked) xla", flush=True)
+  engine = generate.Engine(model)  # runs a copy with unstacked LLM layers
+  del model  # frees the stacked layer arrays
   params = generate.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
   results = {}
   for batch in batches:

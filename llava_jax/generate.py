@@ -5,6 +5,8 @@ r"""Generation with a KV cache: a jit-compiled prefill and an on-device decode l
 builder as training: `llava_jax.data.tokenize.encode_prompt`).
 
 How a batch runs:
+- the engine runs the LLM layers unstacked (`unstack_layers`), each with its own weights and its own (k, v)
+  cache arrays, so a decode step reads the weights in place and writes one cache slot per layer;
 - prefill: the prompts (right-padded ids with placeholders) are spliced LEFT-padded to L positions, so every
   row's last prompt token sits at slot L - 1; the decoder fills slots [0, L) of a cache of S = L + N slots and the
   first new token is sampled from the last position.
@@ -33,8 +35,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from llava_jax import sharding
+from llava_jax.models import layers
 from llava_jax.models.config import IMAGE_TOKEN_INDEX
-from llava_jax.models.llama import KVCache
 from llava_jax.models.llava import LlavaModel
 
 
@@ -111,9 +114,13 @@ def batch_bucket(n: int) -> int:
   return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# Per-layer keys and values, dtype[B, S, K, H] each: one (k, v) pair per decoder layer.
+LayerCaches = tuple[tuple[jax.Array, jax.Array], ...]
+
+
 class DecodeState(NamedTuple):
   """Everything the decode loop carries; [B] = batch rows, S cache slots, N new-token buffer."""
-  cache: KVCache
+  cache: LayerCaches
   kv_mask: jax.Array  # bool[B, S] slots holding real tokens (prompt padding False)
   token: jax.Array  # int32[B] the last sampled token, not yet fed to the model
   position: jax.Array  # int32[B] its RoPE position
@@ -122,6 +129,54 @@ class DecodeState(NamedTuple):
   step: jax.Array  # int32[] number of tokens generated
   done: jax.Array  # bool[B] the row has produced EOS
   rng: jax.Array  # key
+
+
+def unstack_layers(model: LlavaModel) -> LlavaModel:
+  """A copy of `model` for generation whose LLM decoder layers are L separate modules (`nnx.List`), each with
+  arrays of its own, instead of one stack of [L, ...] arrays run under `lax.scan`.
+
+  Why: in a decode step every layer's weights and KV cache must be read once and the cache written one slot.
+  Under a scan, each step slices the stacked weights (a copy per layer unless XLA fuses the slice into the
+  matmul) and the scan reads the stacked cache as input and writes a fresh stacked output (a zero-fill and a
+  copy of the whole cache per step). With separate arrays XLA reads the weights in place and updates each
+  layer's cache in place in the loop carry. The other parameters are shared with `model`; the layers' arrays
+  are copies (the stacked ones are freed when `model` is).
+  """
+  copy = nnx.merge(*nnx.split(model))
+  if isinstance(copy.language_model.layers, nnx.List):  # already unstacked
+    return copy
+  stack_graph, stack_state = nnx.split(copy.language_model.layers)
+  copy.language_model.layers = nnx.List([
+      nnx.merge(stack_graph, jax.tree.map(lambda a, i=i: a[i], stack_state))
+      for i in range(model.cfg.text.num_hidden_layers)])
+  return copy
+
+
+def run_layers(lm, x: jax.Array, positions: jax.Array, kv_mask: jax.Array, caches: LayerCaches,
+               index: jax.Array | int) -> tuple[jax.Array, LayerCaches]:
+  """The decoder of an `unstack_layers` model over T new tokens with a KV cache of S slots, as
+  `LlamaModel.decode(x, positions, kv_mask=..., cache=..., cache_index=index)` computes it.
+
+  Args:
+    lm: the LlamaModel, its `layers` an nnx.List.
+    x: [B, T, D] embeddings; positions: int32[B, T] RoPE positions.
+    kv_mask: bool[B, S] slots holding real tokens; the new tokens go to slots [index, index + T) and attend to
+      the slots <= their own.
+    caches: one (k, v) pair of [B, S, K, H] per layer.
+  Returns:
+    ([B, T, D] normed hidden states, the updated caches).
+  """
+  cfg = lm.cfg
+  inv_freq = layers.rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling_dict)
+  cos, sin = layers.rope_cos_sin(positions, inv_freq)
+  t, s = x.shape[1], kv_mask.shape[1]
+  causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
+  mask = causal[None, None] & kv_mask[:, None, None, :]  # [B, 1, T, S]
+  new_caches = []
+  for layer, kv in zip(lm.layers, caches):
+    x, kv = layer(sharding.constrain_batch(x), cos, sin, mask, kv, index)
+    new_caches.append(kv)
+  return lm.norm(x), tuple(new_caches)
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -156,13 +211,14 @@ def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, 
   spliced = model.embed_inputs(input_ids, attention_mask, images, out_len=prompt_len, pad_left=True)
   b = input_ids.shape[0]
   kv_mask = jnp.concatenate([spliced.mask, jnp.ones((b, cache_len - prompt_len), bool)], axis=1)
-  cache = KVCache.zeros(model.cfg.text, b, cache_len, cache_dtype)
-  hidden, cache = lm.decode(spliced.embeds, spliced.positions, kv_mask=kv_mask, cache=cache, cache_index=0)
+  shape = (b, cache_len, lm.cfg.num_key_value_heads, lm.cfg.head_size)
+  caches = tuple((jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype)) for _ in lm.layers)
+  hidden, caches = run_layers(lm, spliced.embeds, spliced.positions, kv_mask, caches, 0)
   logits = lm.logits(hidden[:, -1:])[:, 0]
   rng, key = jax.random.split(rng)
   token = sample_logits(logits, key, temperature, top_p, greedy=greedy)
   tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
-  return DecodeState(cache=cache, kv_mask=kv_mask, token=token, position=spliced.positions[:, -1] + 1,
+  return DecodeState(cache=caches, kv_mask=kv_mask, token=token, position=spliced.positions[:, -1] + 1,
                      slot=jnp.asarray(prompt_len, jnp.int32), tokens=tokens, step=jnp.asarray(1, jnp.int32),
                      done=token == eos_id, rng=rng)
 
@@ -178,8 +234,8 @@ def _decode(state, ds: DecodeState, stop_step, temperature, top_p, eos_id, pad_i
     return running if ignore_eos else running & ~jnp.all(ds.done)
 
   def body(ds):
-    hidden, cache = lm.decode(lm.embed(ds.token[:, None]), ds.position[:, None], kv_mask=ds.kv_mask,
-                              cache=ds.cache, cache_index=ds.slot)
+    hidden, cache = run_layers(lm, lm.embed(ds.token[:, None]), ds.position[:, None], ds.kv_mask, ds.cache,
+                               ds.slot)
     logits = lm.logits(hidden)[:, 0]
     token = sample_logits(logits, jax.random.fold_in(ds.rng, ds.step), temperature, top_p, greedy=greedy)
     token = jnp.where(ds.done, pad_id, token)
@@ -199,12 +255,15 @@ class Engine:
     eos_token_id: generation of a row ends with it (default: the text config's).
     pad_token_id: written into rows after they end and into prompt padding (default: the text config's).
     cache_dtype: KV cache dtype (default: the compute dtype).
+
+  The engine runs a copy of the model with unstacked LLM layers (`unstack_layers`): the layers' parameters take
+  memory twice while the caller keeps `model` (the CLIs do not).
   """
 
   def __init__(self, model: LlavaModel, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
                cache_dtype: Any = None):
     self.cfg = model.cfg
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = nnx.split(unstack_layers(model))
     self.eos_token_id = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     self.pad_token_id = self.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
     self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
