@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llava_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:preset]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, the trained model.")
@@ -70,6 +72,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if _WORKDIR.value is None and not _DRY_RUN.value:
     raise app.UsageError("--workdir is required")
+  if not _DRY_RUN.value:
+    distributed.initialize()  # several processes (TPU pod, SLURM, launch/local.sh): join them first
   try:
     return run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as err:
