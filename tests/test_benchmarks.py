@@ -1,0 +1,107 @@
+"""benchmarks/train_step.py: its inputs against the model's splice, its FLOP count against the spec's reference
+figures, and one small end-to-end run of llava_jax and the PyTorch peer on CPU."""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llava_jax.models.llava import LlavaModel, splice
+
+SCRIPT = pathlib.Path(__file__).parent.parent / "benchmarks" / "train_step.py"
+_spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
+ts = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = ts  # dataclasses look their module up
+_spec.loader.exec_module(ts)
+
+# performance.md, HF rows: (step s, model TFLOP/s) measured with the spec's FLOP count; their product is the
+# FLOPs of one step, to the rounding of the printed figures.
+SPEC_HF = {"stage1-7b": (0.675, 430), "stage2-1b": (0.319, 406), "stage2-7b": (0.751, 479),
+           "stage2-7b-remat": (1.932, 372)}
+
+
+@pytest.mark.parametrize("name", list(ts.CASES))
+def test_step_flops_match_the_spec_reference(name):
+  case = ts.CASES[name]
+  cfg, runtime = ts.model_config(case)
+  counts = ts.param_counts(nnx.eval_shape(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0))))
+  step_s, tflops = SPEC_HF[name]
+  # 3 printed digits on each figure: at most 0.12% + 0.08% apart.
+  assert ts.step_flops(case, *counts) == pytest.approx(step_s * tflops * 1e12, rel=2.5e-3)
+
+
+@pytest.mark.parametrize("small,name", [(False, "stage1-7b"), (False, "stage2-7b-remat"), (True, "stage2-1b")])
+def test_batch_expands_to_seq_with_image_first(small, name):
+  case = (ts.SMALL_CASES if small else ts.CASES)[name]
+  rows = ts.make_rows(case)
+  batch = {k: v[0] for k, v in ts.ours_batch(case, rows).items()}  # accum = 1
+  b, p, n_text = case.batch, case.image_tokens, case.seq - case.image_tokens
+  assert batch["images"].shape == (b, case.vision["image_size"], case.vision["image_size"], 3)
+  ids = jnp.asarray(batch["input_ids"])
+  text_embeds = jnp.broadcast_to(ids[..., None].astype(jnp.float32), ids.shape + (2,))
+  features = 1e6 + jnp.arange(b * p * 2, dtype=jnp.float32).reshape(b, p, 2)
+  out = jax.jit(splice)(ids, jnp.asarray(batch["attention_mask"]), text_embeds, features, jnp.asarray(batch["labels"]))
+  assert out.mask.shape == (b, case.seq) and bool(out.mask.all())  # every one of the seq positions is real
+  np.testing.assert_array_equal(out.embeds[:, :p], features)
+  np.testing.assert_array_equal(out.embeds[:, p:, 0], rows["text_ids"])
+  np.testing.assert_array_equal(out.positions, np.broadcast_to(np.arange(case.seq), (b, case.seq)))
+  # Loss on the second half of the text, the same targets on the peer's side.
+  labels = np.asarray(out.labels)
+  assert (labels[:, :p + n_text // 2] == -100).all()
+  np.testing.assert_array_equal(labels[:, p + n_text // 2:], rows["text_ids"][:, n_text // 2:])
+  peer_ids, peer_labels = ts.peer_ids_labels(case, rows)
+  np.testing.assert_array_equal(peer_labels, labels)
+  image_id = case.text["vocab_size"] - 1
+  assert (peer_ids[:, :p] == image_id).all() and (peer_ids[:, p:] < image_id).all()
+  assert ts.supervised_tokens(rows) == b * (n_text - n_text // 2)
+
+
+def _run(tmp_path, *args, timeout=300):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                        timeout=timeout, cwd=tmp_path)
+
+
+def test_small_run_ours_and_peer(tmp_path):
+  out = tmp_path / "table.md"
+  proc = _run(tmp_path, "--small", "--peer", "--cases=stage2-7b-remat", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(out.with_suffix(".json").read_text())["results"]
+  assert [(r["case"], r["impl"], r["status"]) for r in results] == [
+      ("stage2-7b-remat", "llava_jax", "ok"), ("stage2-7b-remat", "peer", "ok")], results
+  ours, peer = results
+  case = ts.SMALL_CASES["stage2-7b-remat"]
+  n_text = case.seq - case.image_tokens
+  for r in results:
+    assert r["supervised_tokens"] == case.batch * (n_text - n_text // 2)
+    assert r["finite"] and abs(r["loss"] - math.log(case.text["vocab_size"])) < 1.5  # random init: ~ln(V)
+    assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(case.batch * case.seq / r["step_s"])
+  # The FLOP count from transformers' parameters equals the one from ours.
+  assert ours["flops"] == peer["flops"]
+  assert ours["remat_policy"] == "full" and peer["gradient_checkpointing"]
+  assert ours["step_compiles"] == 1 and ours["compiles_in_timed_loop"] == 0
+  assert ours["matmul_tflops"] > 0
+  table = out.read_text()
+  assert table in proc.stdout
+  row = next(line for line in table.splitlines() if line.startswith("| stage2-7b-remat | llava_jax"))
+  assert row.rstrip(" |").endswith(f"{peer['step_s'] / ours['step_s']:.2f}x")
+  assert "1 (+0 timed)" in row and "model FLOPs/step" in table
+
+
+def test_a_case_that_times_out_becomes_a_row(tmp_path):
+  proc = _run(tmp_path, "--small", "--cases=stage1-7b", "--timeout_s=2", timeout=60)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| stage1-7b | llava_jax | 4 x 24 | timeout (2 s) |" in proc.stdout
+
+
+def test_unknown_case_is_refused(tmp_path):
+  proc = _run(tmp_path, "--cases=stage3-70b", timeout=60)
+  assert proc.returncode != 0 and "unknown cases ['stage3-70b']" in proc.stderr
