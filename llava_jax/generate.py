@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
@@ -35,9 +34,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from llava_jax import model_folder
 from llava_jax import sharding
+from llava_jax.data import images as images_lib
+from llava_jax.data import templates
+from llava_jax.data import tokenize
 from llava_jax.models import layers
-from llava_jax.models.config import IMAGE_TOKEN_INDEX
+from llava_jax.models.config import IMAGE_TOKEN_INDEX, RuntimeConfig
 from llava_jax.models.llava import LlavaModel
 
 
@@ -366,7 +369,6 @@ class Generator:
   """
 
   def __init__(self, model: LlavaModel, tokenizer: Any, *, template: str | None = None, **engine_kw):
-    from llava_jax.data import templates  # noqa: F401  (fails early if the template is unknown)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
     self.template = templates.get_template(template or self.cfg.template)
@@ -375,15 +377,16 @@ class Generator:
   @classmethod
   def from_folder(cls, path: str, runtime: Any = None, mesh: Any = None, **kw) -> "Generator":
     """From a model folder (`llava_jax.model_folder` layout)."""
-    from llava_jax import model_folder
-    from llava_jax.models.config import RuntimeConfig
     model = model_folder.load_model(path, runtime or RuntimeConfig(), mesh=mesh)
     return cls(model, model_folder.load_tokenizer(path), **kw)
 
   @property
   def stop_strings(self) -> tuple[str, ...]:
-    """The template's end-of-turn string (for Vicuna '</s>' is also the EOS token)."""
-    return (self.template.end_of_turn,)
+    """The template's end-of-turn string, unless it is the EOS token's text (Vicuna's '</s>'), which ends
+    generation on the device without the host checking text between chunks."""
+    end = self.template.end_of_turn
+    eos_text = self.tokenizer.convert_ids_to_tokens(self.engine.eos_token_id)
+    return () if end == eos_text else (end,)
 
   def params(self, **kw) -> SamplingParams:
     """SamplingParams with the template's stop strings added to `stop_strings`."""
@@ -392,7 +395,6 @@ class Generator:
 
   def preprocess(self, image: Any) -> np.ndarray:
     """A path, encoded bytes or PIL image -> float32[S, S, 3] as the config says (a numpy array passes through)."""
-    from llava_jax.data import images as images_lib
     if isinstance(image, np.ndarray):
       return image.astype(np.float32)
     if not hasattr(image, "size") or isinstance(image, (bytes, bytearray)):
@@ -404,7 +406,6 @@ class Generator:
   def request(self, messages: Sequence[tuple[str, str | None]], images: Sequence[Any] = ()) -> Request:
     """A prompt from `(role, text)` messages (roles human/gpt; '<image>' tags where the images go, one per image,
     in order) and its images (paths, bytes, PIL images or preprocessed arrays)."""
-    from llava_jax.data import tokenize
     ids = tokenize.encode_prompt(messages, self.tokenizer, self.template)
     n_tags = int((ids == IMAGE_TOKEN_INDEX).sum())
     if n_tags != len(images):
@@ -506,7 +507,6 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
 
 def runtime_from_flag(dtype: str) -> Any:
   """RuntimeConfig for inference: 'auto' = bfloat16 on GPU/TPU, float32 on CPU."""
-  from llava_jax.models.config import RuntimeConfig
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   return RuntimeConfig(param_dtype=dtype, dtype=dtype)
