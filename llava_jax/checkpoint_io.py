@@ -17,6 +17,7 @@ import pickle
 import re
 from typing import Any, Iterable, Iterator, Mapping
 
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy: safetensors' numpy reader needs it
 import numpy as np
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

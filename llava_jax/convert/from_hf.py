@@ -31,10 +31,12 @@ def write_folder(output: str, cfg: ModelConfig, tensors: Mapping[str, Any], *, d
   model = model_folder.abstract_model(cfg)
   params = loaders.load_params(model, tensors, dtype=sources.DTYPES[dtype])
   count = sum(np.size(v) for v in jax.tree.leaves(params))
+  read_s = time.time() - start
   model_folder.save_model_folder(out, cfg, params, tokenizer_source_dir=tokenizer_dir,
                                  extra={"source": extra}, overwrite=overwrite)
   print(f"wrote {out}: {count / 1e6:.1f}M parameters ({dtype}), tokenizer: "
-        f"{tokenizer_dir if tokenizer_dir else 'none'}, {time.time() - start:.1f}s")
+        f"{tokenizer_dir if tokenizer_dir else 'none'}; read+convert {read_s:.1f}s, write "
+        f"{time.time() - start - read_s:.1f}s")
   print(f"  projector {cfg.projector_type}, vision layer {cfg.vision_feature_layer} ({cfg.vision_feature_select}), "
         f"template {cfg.template}, image_aspect_ratio {cfg.image_aspect_ratio}, "
         f"image_token_id {cfg.image_token_id}, vocab {cfg.text.vocab_size}")

@@ -251,6 +251,9 @@ class CanonicalView(Mapping):
   def __getitem__(self, key):
     return self.source[self.names[key]]
 
+  def __contains__(self, key):  # Mapping's default reads the tensor
+    return key in self.names
+
   def __iter__(self):
     return iter(self.names)
 
@@ -274,6 +277,9 @@ class MergedView(Mapping):
 
   def __getitem__(self, key):
     return self.owner[key][key]
+
+  def __contains__(self, key):
+    return key in self.owner
 
   def __iter__(self):
     return iter(self.owner)
