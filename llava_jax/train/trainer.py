@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -210,7 +211,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
   total_steps = total_train_steps(config)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   param_shardings = sharding.state_shardings(trainable, mesh)
-  state = _on_mesh(TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable)), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, trainable, param_shardings, mesh))(
+      trainable)
+  state = _on_mesh(TrainState(jnp.zeros((), jnp.int32), trainable, opt_state), mesh)
   frozen = _on_mesh(frozen, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
@@ -290,6 +293,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     return TrainResult(step, None, losses, interrupted=True)
   model_dir = write_outputs(workdir, model.cfg, state.params, frozen, tokenizer, config.stage)
   return TrainResult(step, model_dir, losses)
+
+
+def optimizer_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh) -> Any:
+  """Shardings of `tx.init(params)`: moments like their parameters (sharded over fsdp/tensor), counters replicated.
+
+  (jit(tx.init) left to itself puts the zeros on one device, and replicating them would hold a full optimizer
+  state on every device.)
+  """
+  is_sharding = lambda x: isinstance(x, NamedSharding)
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                               transform_non_params=lambda _: NamedSharding(mesh, P()), is_leaf=is_sharding)
 
 
 def _on_mesh(tree: Any, mesh) -> Any:
