@@ -115,6 +115,9 @@ class StateDictReader(Mapping):
   def source(self, key: str) -> pathlib.Path:
     return self._where[key].path
 
+  def close(self) -> None:
+    release_cache()
+
   def describe(self) -> str:
     if len(self.files) == 1:
       return str(self.files[0])
@@ -148,20 +151,26 @@ class _SafetensorsFile:
 class _TorchFile:
   """One pickled PyTorch file, loaded with `weights_only=True` (and `mmap=True` where the file is a zip archive,
   i.e. saved by torch >= 1.6). The loaded dict is kept until a key of another file is looked up."""
-  _cache: tuple[pathlib.Path, dict] | None = None  # shared by all .bin files: at most one is held at a time
+  _cache: tuple[tuple, dict] | None = None  # shared by all .bin files: at most one is held at a time
 
   def __init__(self, path: pathlib.Path):
     self.path = path
     self._keys = list(self._load().keys())
 
   def _load(self) -> dict:
+    stat = self.path.stat()
+    identity = (self.path.resolve(), stat.st_mtime_ns, stat.st_size)
     cache = _TorchFile._cache
-    if cache is not None and cache[0] == self.path:
+    if cache is not None and cache[0] == identity:
       return cache[1]
     _TorchFile._cache = None
     state = load_torch_file(self.path)
-    _TorchFile._cache = (self.path, state)
+    _TorchFile._cache = (identity, state)
     return state
+
+  @classmethod
+  def release(cls) -> None:
+    cls._cache = None
 
   def keys(self) -> list[str]:
     return self._keys
@@ -169,6 +178,11 @@ class _TorchFile:
   def get(self, key: str) -> np.ndarray:
     from llava_jax.models.loaders import to_numpy
     return to_numpy(self._load()[key])
+
+
+def release_cache() -> None:
+  """Drops the memory-mapped .bin file kept for the next lookup (safetensors files are never held open)."""
+  _TorchFile.release()
 
 
 def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def write_folder(output: str, cfg: ModelConfig, tensors: Mapping[str, Any], *, d
   start = time.time()
   model = model_folder.abstract_model(cfg)
   params = loaders.load_params(model, tensors, dtype=sources.DTYPES[dtype])
+  checkpoint_io.release_cache()
   count = sum(np.size(v) for v in jax.tree.leaves(params))
   read_s = time.time() - start
   model_folder.save_model_folder(out, cfg, params, tokenizer_source_dir=tokenizer_dir,
