@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llava_jax import distributed
+from llava_jax.train import planner  # defines --plan_devices, --plan_device_memory_gib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:preset]).",
                                           lock_config=True)
@@ -53,11 +54,10 @@ def run(config, workdir: str) -> int:
   if "stage1" in config and "stage2" in config:
     from llava_jax import demo  # pylint: disable=g-import-not-at-top
     return demo.run_demo(config, workdir)
-  validate(config)
-  if _DRY_RUN.value:
-    from llava_jax.train import planner  # pylint: disable=g-import-not-at-top
+  if _DRY_RUN.value:  # shapes only: needs neither the init model nor the data
     planner.print_plan(config)
     return 0
+  validate(config)
   from llava_jax.train import trainer  # pylint: disable=g-import-not-at-top
   result = trainer.train(config, workdir)
   if result.interrupted:
