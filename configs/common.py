@@ -20,6 +20,29 @@ def tiny_model(image_size=28, hidden=64, layers=2, vocab=32000, template="vicuna
       template=template, image_aspect_ratio=aspect))
 
 
+# LLaMA-2 / Vicuna v1.5 shapes (LLaVA-1.5's LLMs) and LLaMA-1 / Vicuna v0-v1.1 (LLaVA v1).
+LLM_SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+
+
+def llava_model(llm: str = "7b", image_size=336, projector_type="mlp2x_gelu", template="vicuna_v1", aspect="pad",
+                max_positions=4096):
+  """A real LLaVA's shapes: CLIP ViT-L/14 (VisionConfig defaults) at `image_size`, a LLaMA `llm`, vocab 32000.
+
+  Used only where there is no init model folder yet (the memory planner); a model folder's config.json wins.
+  """
+  shapes = LLM_SHAPES[llm]
+  return ml_collections.ConfigDict(dict(
+      vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=image_size, patch_size=14),
+      text=dict(vocab_size=32000, num_key_value_heads=shapes["num_attention_heads"],
+                max_position_embeddings=max_positions, **shapes),
+      projector_type=projector_type, vision_feature_layer=-2, vision_feature_select="patch",
+      template=template, image_aspect_ratio=aspect))
+
+
 def base(stage: int) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage

@@ -14,12 +14,15 @@ def get_config(preset: str = "tiny"):
   c.optim.weight_decay = 0.0
   c.optim.warmup_ratio = 0.03
   if preset in ("llava-v1.5-7b", "llava-v1.5-13b"):
+    c.model = common.llava_model(preset.rsplit("-", 1)[1], template="plain", aspect="square")
     c.init_model = f"models/{preset}-stage1-init"  # `python -m llava_jax.convert assemble ...` writes it
     c.data.data_files = "data/blip_laion_cc_sbu_558k/blip_laion_cc_sbu_558k.json"
     c.batch_size = 256
     c.optim.learning_rate = 1e-3
     c.num_epochs = 1.0
   elif preset == "llava-v1-7b":
+    c.model = common.llava_model("7b", image_size=224, projector_type="linear", template="plain",
+                                 aspect="square", max_positions=2048)
     c.init_model = "models/llava-v1-7b-stage1-init"
     c.data.data_files = "data/cc3m_595k/chat.json"
     c.batch_size = 128

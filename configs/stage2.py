@@ -12,12 +12,15 @@ def get_config(preset: str = "tiny"):
   c.data.aspect = "pad"
   c.data.group_by_modality_length = True
   if preset in ("llava-v1.5-7b", "llava-v1.5-13b"):
+    c.model = common.llava_model(preset.rsplit("-", 1)[1], template="vicuna_v1", aspect="pad")
     c.init_model = f"models/{preset}-stage2-init"  # `convert assemble ... --projector STAGE1/projector.safetensors`
     c.data.data_files = "data/llava_v1_5_mix665k.json"
     c.batch_size = 128
     c.optim.learning_rate = 2e-5
     c.num_epochs = 1.0
   elif preset == "llava-v1-7b":
+    c.model = common.llava_model("7b", image_size=224, projector_type="linear", template="llava_v1",
+                                 aspect="square", max_positions=2048)
     c.init_model = "models/llava-v1-7b-stage2-init"
     c.data.data_files = "data/llava_instruct_158k.json"
     c.data.aspect = "square"
