@@ -40,7 +40,7 @@ def _output(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__.split("\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
