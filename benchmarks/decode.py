@@ -11,6 +11,8 @@ Measured, each the best of --repeats after a warm-up (excluded); every timing en
 - decode tokens/s: batch x (new_tokens - 9) / the time of decode steps 9 .. new_tokens
   (JAX: one on-device loop call; transformers: generate(new_tokens) - generate(9), the same prefill in both);
 - compile: JAX's first call minus a warm call (prefill and decode programs), per batch size;
+- peak GB: the device's peak memory in the side's process (JAX: includes the transient second copy of the LLM
+  layers made when the engine unstacks them);
 - the memory-bandwidth bound: batch / (LLM weight bytes / copy bandwidth), the copy bandwidth measured with a
   jitted `x * 2` over a large bf16 array (bytes read + written).
 Each side runs in a child process of its own (transformers first, then JAX), so the two CUDA stacks and
@@ -214,15 +216,18 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
 
 
 def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
-  """One side in this process: {'batches': {batch: results}, 'dtype': ..., ...}."""
-  dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  """One side in this process: {'batches': {batch: results}, 'dtype': ..., ...}. The transformers side never
+  initialises a JAX backend (so only PyTorch's CUDA libraries load in its process)."""
   if part == "hf":
     import torch
-    if jax.default_backend() != "cpu" and not torch.cuda.is_available():
-      raise SystemExit("transformers: torch sees no GPU here (CPU-only torch?); not running 7B shapes on CPU. "
-                       "Use --skip_hf, or install a CUDA build of torch.")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not _SMALL.value:
+      raise SystemExit("transformers: torch sees no GPU (CPU-only torch?); not running 7B shapes on CPU. "
+                       "Use --skip_hf, --small, or a CUDA build of torch.")
+    dtype = _DTYPE.value if _DTYPE.value != "auto" else ("bfloat16" if on_gpu else "float32")
     return {"batches": run_hf(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value),
             "dtype": dtype}
+  dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   backend = jax.default_backend()
   out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value)}
   out["bandwidth"] = copy_bandwidth(jnp.float32, (256 << 20) if backend == "cpu" else (4 << 30))

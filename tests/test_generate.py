@@ -218,3 +218,13 @@ def test_cli_prints_only_the_answer(with_tokenizer, model_dir, tmp_path, capsys)
   expected = gen.generate([gen.question("What is in the image?", [str(image)])], gen.params(max_new_tokens=16))[0]
   assert expected.text.strip()
   assert capsys.readouterr().out == expected.text.strip() + "\n"
+
+
+def test_template_stop_strings(with_tokenizer, model_dir):
+  _, gen = with_tokenizer
+  assert gen.stop_strings == ()  # Vicuna's '</s>' is the EOS token: ended on the device
+  plain = generate.Generator.from_folder(str(model_dir[1]), template="plain")
+  assert plain.stop_strings == ("\n",)
+  assert plain.params(stop_strings=("END",)).stop_strings == ("END", "\n")
+  ids = plain.question("ignored by plain", [random_image(0)]).input_ids
+  assert list(ids) == [1, IMAGE_TOKEN_INDEX]  # LLaVA's stage-1 prompt: BOS and the image
