@@ -143,6 +143,9 @@ def measure(name: str, code: str, *args: str) -> dict:
   if proc.returncode != 0:
     raise RuntimeError(f"{name} failed ({proc.returncode}):\n{out}")
   maxrss = int(out.rsplit("MAXRSS_KB", 1)[1].split()[0]) * 1024
+  for line in out.splitlines():
+    if line.startswith("wrote "):
+      print(f"  [{name}] {line}")
   return {"step": name, "wall_s": wall, "peak_rss_gb": maxrss / GB, "peak_anon_gb": peak_anon[0] * 1024 / GB}
 
 
