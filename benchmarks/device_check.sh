@@ -45,7 +45,7 @@ if [ -f benchmarks/decode.py ]; then
   left=$((TOTAL_S - (SECONDS - start)))
   if [ "$left" -ge "$MIN_DECODE_S" ]; then
     echo "=== decode (limit ${left} s) ==="
-    timeout -k 10 "$left" python benchmarks/decode.py > "$OUT/decode.txt" 2> "$OUT/decode.log"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$left" python benchmarks/decode.py > "$OUT/decode.txt" 2> "$OUT/decode.log"
     echo "decode exit $? after $((SECONDS - start)) s"
     cat "$OUT/decode.txt"
     tail -n 20 "$OUT/decode.log"

@@ -90,9 +90,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
       (loss, n), g = grad_fn(state.params, micro)
       return (jax.tree.map(jnp.add, grads, g), total + loss, count + n), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
+    if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no zero-filled gradient buffer to add to
+      (total, count), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+      (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = total / denom
