@@ -86,6 +86,10 @@ def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_pa
   result2 = trainer.train(cfg2, str(tmp_path / "s2"), devices=jax.devices()[:1])
   assert np.mean(result2.losses[-5:]) < np.mean(result2.losses[:5])
   final = _params(result2.model_dir)
+  # each folder records the template and aspect it was trained with (generation builds the same prompt)
+  assert model_folder.load_config(result1.model_dir).template == "plain"
+  assert model_folder.load_config(result2.model_dir).template == "vicuna_v1"
+  assert model_folder.load_config(result2.model_dir).image_aspect_ratio == "pad"
   for path, value in init.items():
     if path[0] == "vision_tower":
       np.testing.assert_array_equal(final[path], value, err_msg=str(path))  # frozen: bitwise unchanged
@@ -176,3 +180,51 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
   a, b = _params(tmp_path / "straight" / "model"), _params(tmp_path / "killed" / "model")
   for path in a:
     np.testing.assert_array_equal(b[path], a[path], err_msg=str(path))
+
+
+def test_train_step_leaves_state_unchanged_on_non_finite_loss(data):
+  import jax.numpy as jnp
+  from llava_jax.models.config import ModelConfig
+  from llava_jax.models.llava import LlavaModel
+  from llava_jax.train import optim
+  from llava_jax.train.step import TrainState, make_train_step
+  cfg = make_config(2, data)
+  model = LlavaModel(ModelConfig.from_dict(cfg.model.to_dict()), rngs=nnx.Rngs(0))
+  graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(optim.STAGE_TRAINABLE[2]), ...)
+  tx, schedule = optim.make_optimizer(cfg.optim, 10)
+  kernel = trainable["projector"]["linears"][0]["kernel"]
+  kernel.value = kernel.value.at[0, 0].set(jnp.inf)
+  state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  ids = jnp.array([[[1, -200, 5, 6, 7, 0]]], jnp.int32)
+  batch = {"input_ids": ids, "labels": jnp.where(ids > 1, ids, -100), "attention_mask": (ids != 0).astype(jnp.int32),
+           "images": jnp.ones((1, 1, 28, 28, 3))}
+  before = jax.tree.map(np.asarray, state)
+  new_state, metrics = jax.jit(make_train_step(graphdef, tx, schedule, loss_chunk=8))(state, frozen, batch)
+  assert not bool(metrics["finite"])
+  assert int(new_state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state), before)
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
+  real = trainer.make_train_step
+
+  def poisoned(*args, **kw):
+    step_fn = real(*args, **kw)
+
+    def wrapped(state, frozen, batch):
+      new_state, metrics = step_fn(state, frozen, batch)
+      bad = state.step >= 6  # the 7th update "diverges": report it and keep the old state, as the step does
+      metrics = dict(metrics, finite=metrics["finite"] & ~bad, loss=jax.numpy.where(bad, jax.numpy.nan,
+                                                                                    metrics["loss"]))
+      keep = lambda n, o: jax.tree.map(lambda a, b: jax.numpy.where(bad, b, a), n, o)
+      return type(state)(jax.numpy.where(bad, state.step, new_state.step), keep(new_state.params, state.params),
+                         keep(new_state.opt_state, state.opt_state)), metrics
+    return wrapped
+
+  monkeypatch.setattr(trainer, "make_train_step", poisoned)
+  cfg = make_config(2, data, num_train_steps=12, checkpoint_every=5)
+  with pytest.raises(trainer.NonFiniteLossError, match="non-finite loss or gradient at step 7"):
+    trainer.train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+  steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [5]
+  assert not (tmp_path / "run" / "model").exists()
