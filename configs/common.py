@@ -79,3 +79,17 @@ def base(stage: int) -> ml_collections.ConfigDict:
   c.checkpoint_keep = 3
   c.async_checkpoint = True
   return c
+
+
+def make_tiny(c: ml_collections.ConfigDict, *, max_length: int, length_buckets: tuple[int, ...],
+              template: str = "vicuna_v1", aspect: str = "pad") -> None:
+  """The `tiny` preset: a random CPU-sized model, fp32, 20 steps of batch 8, frequent logs and checkpoints."""
+  c.model = tiny_model(template=template, aspect=aspect)
+  c.data.max_length = max_length
+  c.data.length_buckets = length_buckets
+  c.batch_size = 8
+  c.optim.learning_rate = 1e-3
+  c.runtime.dtype = "float32"
+  c.num_train_steps = 20
+  c.checkpoint_every = 10
+  c.log_every = 5

@@ -29,15 +29,7 @@ def get_config(preset: str = "tiny"):
     c.optim.learning_rate = 2e-3
     c.num_epochs = 1.0
   elif preset == "tiny":
-    c.model = common.tiny_model(template="plain", aspect="square")
-    c.data.max_length = 128
-    c.data.length_buckets = (64, 128)
-    c.batch_size = 8
-    c.optim.learning_rate = 1e-3
-    c.runtime.dtype = "float32"
-    c.num_train_steps = 20
-    c.checkpoint_every = 10
-    c.log_every = 5
+    common.make_tiny(c, template="plain", aspect="square", max_length=128, length_buckets=(64, 128))
   else:
     raise ValueError(f"unknown preset {preset!r} (llava-v1.5-7b | llava-v1.5-13b | llava-v1-7b | tiny)")
   return c
