@@ -97,12 +97,18 @@ class BatchFeeder:
   def _sharding(self, shape) -> NamedSharding:
     return NamedSharding(self.mesh, sharding._fit(P(None, sharding.BATCH), shape, self.mesh))
 
-  def next(self) -> tuple[dict[str, jax.Array], int]:
-    """-> (global batch, number of real token positions in this process's part).
+  def next(self, stop: bool = False) -> tuple[dict[str, jax.Array], int] | None:
+    """-> (global batch, number of real token positions in this process's part), or None to stop.
 
     One pipeline batch of accum x B rows is split into `accum` micro-batches, so the data order (and LLaVA's
     length grouping) is the same whatever the accumulation.
+
+    stop: this process wants to stop (a signal). All processes stop at the same step when any of them does
+    (agreed with the shapes, in the same collective); the iterator is left before the batch not trained on.
     """
+    if stop and jax.process_count() == 1:
+      return None
+    before = self.iterator.get_state() if jax.process_count() > 1 else None
     batch = next(self.iterator)
     micro = split_micro_batches(batch, self.accum)
     length = batch["input_ids"].shape[1]
@@ -110,9 +116,12 @@ class BatchFeeder:
     n_images = int(counts.max())
     order = None
     if jax.process_count() > 1:  # every process must build the same global shapes
-      gathered = multihost_utils.process_allgather(np.concatenate([[length], counts]))  # [P, 1 + accum]
-      length, n_images = int(gathered[:, 0].max()), int(gathered[:, 1:].max())
-      order = global_image_order(gathered[:, 1:], n_images)
+      gathered = multihost_utils.process_allgather(np.concatenate([[length, stop], counts]))  # [P, 2 + accum]
+      if gathered[:, 1].any():
+        self.iterator.set_state(before)
+        return None
+      length, n_images = int(gathered[:, 0].max()), int(gathered[:, 2:].max())
+      order = global_image_order(gathered[:, 2:], n_images)
     tokens = int(batch["num_tokens"].sum())
     proc = jax.process_count()
     out = {}
@@ -251,11 +260,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   meta = {"init_model": config.init_model, "stage": config.stage, "trainable": list(parts)}
   pending, losses, tokens_since, t_last = [], [], 0, time.perf_counter()
-  step = start
+  step, stopped = start, False
   try:
     with jax.set_mesh(mesh):
-      while step < total_steps and stop["signal"] is None:
-        batch, tokens = feeder.next()
+      while step < total_steps:
+        fed = feeder.next(stop=stop["signal"] is not None)
+        if fed is None:  # a signal here or in another process
+          stopped = True
+          break
+        batch, tokens = fed
         state, metrics = train_step(state, frozen, batch)
         step += 1
         tokens_since += tokens
@@ -278,10 +291,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
             print(f"step {step}: eval loss {eval_loss:.4f}", file=sys.stderr)
         if checkpointer.should_save(step) or at_end:
           checkpointer.save(step, state, iterator.get_state(), meta)
-      if stop["signal"] is not None:
+      if stopped:
         _check_finite(pending)
         checkpointer.save(step, state, iterator.get_state(), meta)
-        print(f"signal {stop['signal']}: saved step {step} in {checkpointer.directory}; exiting", file=sys.stderr)
+        if jax.process_index() == 0:
+          print(f"signal {stop['signal'] or '(in another process)'}: saved step {step} in {checkpointer.directory}; "
+                "exiting", file=sys.stderr)
   finally:
     checkpointer.close()
     writer.close()
@@ -289,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       signal.signal(s, handler)
     if hasattr(iterator, "summary") and jax.process_index() == 0:
       print(iterator.summary(), file=sys.stderr)
-  if stop["signal"] is not None:
+  if stopped:
     return TrainResult(step, None, losses, interrupted=True)
   model_dir = write_outputs(workdir, model.cfg, state.params, frozen, tokenizer, config.stage)
   return TrainResult(step, model_dir, losses)
