@@ -5,7 +5,7 @@ devices, and a checkpoint written by 2 processes must resume in 1 process on ano
 """
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,15 +56,35 @@ def _launch(num_processes, devices_per_process, workdir, data, *extra):
           "--config.data.shuffle=False", "--config.data.group_by_modality_length=False",
           f"--config.num_train_steps={STEPS}", "--config.checkpoint_every=5", "--config.log_every=1",
           "--config.async_checkpoint=False", *extra]
-  env = dict(os.environ, DEVICES_PER_PROCESS=str(devices_per_process), PYTHON=sys.executable, XLA_FLAGS="",
-             # the runs share their many small compilations (random init, optimizer init)
-             JAX_COMPILATION_CACHE_DIR=str(data["cache"]), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(os.environ, DEVICES_PER_PROCESS=str(devices_per_process), PYTHON=sys.executable, XLA_FLAGS="")
+  if num_processes == 1:  # single-process runs share their many small compilations (random and optimizer init);
+    # processes of one multi-process run must not load each other's executables
+    env.update(JAX_COMPILATION_CACHE_DIR=str(data["cache"]), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _finish(proc, timeout=900):
+def _finish(proc, timeout=900) -> str:
   out, _ = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, out.decode()[-4000:]
+  return out.decode()
+
+
+def _process_pid(workdir, rank):
+  """pid of the `llava_jax.main` process with LLAVA_PROCESS_ID=rank training in `workdir`."""
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline = f.read().split(b"\0")
+      with open(f"/proc/{entry}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    except OSError:
+      continue
+    if (b"llava_jax.main" in cmdline and f"--workdir={workdir}".encode() in cmdline
+        and f"LLAVA_PROCESS_ID={rank}".encode() in environ):
+      return int(entry)
+  raise AssertionError(f"no process {rank} training in {workdir}")
 
 
 def _losses(workdir):
@@ -88,38 +108,53 @@ def _params(folder):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
+  """one: 1 process x 8 devices; two: 2 processes x 4 devices; stopped: like two, SIGTERM to process 1 only."""
   root = tmp_path_factory.mktemp("mp_runs")
-  one, two = _launch(1, 8, root / "one", data), _launch(2, 4, root / "two", data)  # side by side
-  _finish(one)
-  _finish(two)
-  return root
+  one, two, stopped = (_launch(1, 8, root / "one", data), _launch(2, 4, root / "two", data),
+                       _launch(2, 4, root / "stopped", data))
+  deadline = time.time() + 900
+  while not (root / "stopped" / "checkpoints" / "5").exists() and stopped.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  if stopped.poll() is not None:
+    _finish(stopped)  # ended before its first checkpoint: show why
+  os.kill(_process_pid(root / "stopped", 1), signal.SIGTERM)
+  outputs = {"one": _finish(one), "two": _finish(two), "stopped": _finish(stopped)}
+  return root, outputs
 
 
 def test_two_processes_train_like_one(runs):
-  one, two = _losses(runs / "one"), _losses(runs / "two")
+  root, _ = runs
+  one, two = _losses(root / "one"), _losses(root / "two")
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-6, atol=1e-6)
-  a, b = _params(runs / "one" / "model"), _params(runs / "two" / "model")
+  a, b = _params(root / "one" / "model"), _params(root / "two" / "model")
   assert a.keys() == b.keys()
   for path in a:
     np.testing.assert_allclose(b[path], a[path], rtol=1e-6, atol=1e-6, err_msg=str(path))
 
 
+def test_a_signal_to_one_process_stops_all_at_the_same_step(runs):
+  root, outputs = runs
+  steps = sorted(int(s) for s in os.listdir(root / "stopped" / "checkpoints"))
+  stop = steps[-1]
+  assert 5 < stop < STEPS, steps  # saved where the processes agreed to stop, before the end
+  assert not (root / "stopped" / "model").exists()
+  assert f"(in another process): saved step {stop}" in outputs["stopped"]  # process 0 was not signalled
+
+
 def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, data):
-  checkpoint = runs / "two" / "checkpoints" / "5"
+  root, _ = runs
+  stop = max(int(s) for s in os.listdir(root / "stopped" / "checkpoints"))
+  checkpoint = root / "stopped" / "checkpoints" / str(stop)
   assert sorted(json.loads((checkpoint / "data" / "metadata").read_text())) == ["0", "1"]  # both data positions
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(checkpoint / "state"))  # both wrote shards
-  resumed = runs / "resumed"
-  shutil.copytree(runs / "two", resumed)
-  shutil.rmtree(resumed / "checkpoints" / str(STEPS))
-  shutil.rmtree(resumed / "model")
-  os.remove(resumed / "metrics.jsonl")
-  # fsdp 4 x tensor 2 in one process: orbax reshards the state written as fsdp 8 over 2 processes
-  _finish(_launch(1, 8, resumed, data, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"))
-  one, after = _losses(runs / "one"), _losses(resumed)
-  assert sorted(after) == list(range(6, STEPS + 1))  # continued from step 5, on the records after step 5's
+  os.remove(root / "stopped" / "metrics.jsonl")
+  # fsdp 4 x tensor 2 in one process: orbax reshards the state written as fsdp 8 by 2 processes
+  _finish(_launch(1, 8, root / "stopped", data, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"))
+  one, after = _losses(root / "one"), _losses(root / "stopped")
+  assert sorted(after) == list(range(stop + 1, STEPS + 1))  # continued after the saved step, on the next records
   np.testing.assert_allclose([after[s] for s in sorted(after)], [one[s] for s in sorted(after)], rtol=1e-5)
-  a, b = _params(runs / "one" / "model"), _params(resumed / "model")
+  a, b = _params(root / "one" / "model"), _params(root / "stopped" / "model")
   for path in a:
     np.testing.assert_allclose(b[path], a[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
 
