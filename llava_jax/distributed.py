@@ -71,6 +71,21 @@ def detect_mode(environ: Mapping[str, str] = os.environ, explicit: tuple | None 
   return "single"
 
 
+def initialize_kwargs(mode: str, explicit: tuple | None, environ: Mapping[str, str] = os.environ) -> dict:
+  """The arguments of `jax.distributed.initialize` for `mode` (see `detect_mode`)."""
+  if mode == "explicit":
+    coordinator, count, index = explicit
+    return dict(coordinator_address=coordinator, num_processes=count, process_id=index)
+  if mode == "slurm":
+    if _slurm_tasks_on_this_node(environ) == 1:
+      # One process drives all the node's GPUs: JAX's SLURM detection would give it only the GPU of its local
+      # rank, so pass what it would detect and switch the detection off.
+      return dict(coordinator_address=_slurm_coordinator(environ), num_processes=int(environ["SLURM_NTASKS"]),
+                  process_id=int(environ["SLURM_PROCID"]), cluster_detection_method="deactivate")
+    return dict(cluster_detection_method="slurm")  # one process per GPU (its local rank's)
+  return {}  # tpu: JAX asks the TPU environment / metadata server
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, environ: Mapping[str, str] = os.environ) -> str:
   """Starts JAX's multi-controller runtime when this is one of several processes; -> the mode used.
@@ -91,13 +106,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return mode
   # Cross-process collectives of CPU devices (multi-process CPU runs and tests); other backends ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if mode == "explicit":
-    coordinator, count, index = explicit
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index)
-  elif mode == "slurm":
-    jax.distributed.initialize(cluster_detection_method="slurm")
-  else:
-    jax.distributed.initialize()
+  jax.distributed.initialize(**initialize_kwargs(mode, explicit, environ))
   logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", mode, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return mode
@@ -117,6 +126,30 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
     return int(value)
   except ValueError as e:
     raise DistributedConfigError(f"{name}={value!r} is not an integer") from e
+
+
+def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+  """Tasks of this job step on this node: SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE ('8(x2),4' style)."""
+  spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+  node = int(environ.get("SLURM_NODEID", 0))
+  if not spec:
+    return None
+  counts = []
+  for part in spec.split(","):
+    count, _, repeat = part.partition("(x")
+    counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+  return counts[node] if node < len(counts) else None
+
+
+def _slurm_coordinator(environ: Mapping[str, str]) -> str:
+  """First host of the step's node list ('gpu[01-04,07],x' -> 'gpu01') and a port from the job id."""
+  nodes = environ["SLURM_STEP_NODELIST"]
+  head = nodes.split(",")[0] if "[" not in nodes.split(",")[0] else nodes[:nodes.index("]")]
+  if "[" in head:
+    prefix, ranges = head.split("[", 1)
+    head = prefix + ranges.split(",")[0].split("-")[0]
+  port = environ.get("JAX_COORDINATOR_PORT") or str(int(environ["SLURM_JOB_ID"]) % 2**12 + (65535 - 2**12 + 1))
+  return f"{head}:{port}"
 
 
 def _tpu_multi_worker(environ: Mapping[str, str]) -> bool:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from llava_jax import demo, distributed, model_folder
+from llava_jax import demo, model_folder
 from llava_jax.data import demo as demo_data
 from llava_jax.train import checkpoint as ckpt_lib
 
@@ -200,27 +200,3 @@ def test_reshard_data_states_continues_the_global_order():
   assert one[0]["parent"]["next_index"] == 21 and left_out == 1
   with pytest.raises(ValueError, match="worker_count"):
     ckpt_lib.reshard_data_states({"0": {"parent": {"workers": []}}}, 96, 2)
-
-
-def test_explicit_settings_from_flags_or_environment():
-  env = {"LLAVA_COORDINATOR": "10.0.0.1:1234", "LLAVA_NUM_PROCESSES": "4", "LLAVA_PROCESS_ID": "2"}
-  assert distributed.explicit_settings(environ=env) == ("10.0.0.1:1234", 4, 2)
-  assert distributed.explicit_settings("h:1", 2, 1, environ=env) == ("h:1", 2, 1)  # flags win
-  assert distributed.explicit_settings(environ={}) is None
-  with pytest.raises(distributed.DistributedConfigError, match="process_id"):
-    distributed.explicit_settings(environ={"LLAVA_COORDINATOR": "h:1", "LLAVA_NUM_PROCESSES": "2"})
-  with pytest.raises(distributed.DistributedConfigError, match="not in"):
-    distributed.explicit_settings("h:1", 2, 2, environ={})
-  with pytest.raises(distributed.DistributedConfigError, match="host:port"):
-    distributed.explicit_settings("h", 2, 0, environ={})
-
-
-def test_detect_mode():
-  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3",
-           "SLURM_LOCALID": "3"}
-  assert distributed.detect_mode(slurm) == "slurm"
-  assert distributed.detect_mode(dict(slurm, SLURM_NTASKS="1")) == "single"
-  assert distributed.detect_mode({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
-  assert distributed.detect_mode({"TPU_WORKER_HOSTNAMES": "w0"}) == "single"
-  assert distributed.detect_mode(slurm, explicit=("h:1", 2, 0)) == "explicit"
-  assert distributed.detect_mode({}) == "single"
