@@ -62,7 +62,8 @@ def run(config, workdir: str) -> int:
   result = trainer.train(config, workdir)
   if result.interrupted:
     return 0
-  print(f"trained {result.step} steps; model folder: {result.model_dir}", file=sys.stderr)
+  if distributed.is_primary():
+    print(f"trained {result.step} steps; model folder: {result.model_dir}", file=sys.stderr)
   return 0
 
 
