@@ -137,7 +137,8 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(runs):
   root, outputs = runs
   steps = sorted(int(s) for s in os.listdir(root / "stopped" / "checkpoints"))
   stop = steps[-1]
-  assert 5 < stop < STEPS, steps  # saved where the processes agreed to stop, before the end
+  # saved where the processes agreed to stop (the signal came after checkpoint 5 was written), before the end
+  assert 5 <= stop < STEPS, steps
   assert not (root / "stopped" / "model").exists()
   assert f"(in another process): saved step {stop}" in outputs["stopped"]  # process 0 was not signalled
 
