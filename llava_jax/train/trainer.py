@@ -306,7 +306,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       print(iterator.summary(), file=sys.stderr)
   if stopped:
     return TrainResult(step, None, losses, interrupted=True)
-  model_dir = write_outputs(workdir, model.cfg, state.params, frozen, tokenizer, config.stage)
+  # The prompt a model is trained on is the prompt it is asked with: the folder records the data's template/aspect.
+  trained_cfg = dataclasses.replace(model.cfg, template=config.data.template or model.cfg.template,
+                                    image_aspect_ratio=config.data.aspect or model.cfg.image_aspect_ratio)
+  model_dir = write_outputs(workdir, trained_cfg, state.params, frozen, tokenizer, config.stage)
   return TrainResult(step, model_dir, losses)
 
 
