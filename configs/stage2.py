@@ -18,6 +18,8 @@ def get_config(preset: str = "tiny"):
     c.batch_size = 128
     c.optim.learning_rate = 2e-5
     c.num_epochs = 1.0
+    # LLaVA's finetune.sh uses gradient checkpointing; without remat neither size fits (see the planner table).
+    c.runtime.remat_policy = "full"
   elif preset == "llava-v1-7b":
     c.model = common.llava_model("7b", image_size=224, projector_type="linear", template="llava_v1",
                                  aspect="square", max_positions=2048)
@@ -29,6 +31,7 @@ def get_config(preset: str = "tiny"):
     c.batch_size = 32
     c.optim.learning_rate = 2e-5
     c.num_epochs = 3.0
+    c.runtime.remat_policy = "full"
   elif preset == "tiny":
     common.make_tiny(c, max_length=192, length_buckets=(96, 192))
   else:
