@@ -10,6 +10,7 @@ from configs import common
 def _stage(stage: int, steps: int, lr: float, template: str, aspect: str, max_length: int, buckets):
   c = common.base(stage=stage)
   c.model = common.tiny_model(image_size=56, hidden=128, layers=2, template=template, aspect=aspect)
+  c.model.text.num_hidden_layers = 3
   c.data.template = template
   c.data.aspect = aspect
   c.data.max_length = max_length
@@ -35,6 +36,7 @@ def get_config(arg: str = ""):
   c.tokenizer_vocab_size = 1000
   c.num_eval_questions = 300
   c.stage1 = _stage(1, steps=120, lr=1e-3, template="plain", aspect="square", max_length=64, buckets=(64,))
-  c.stage2 = _stage(2, steps=600, lr=1e-3, template="vicuna_v1", aspect="pad", max_length=256,
+  c.stage2 = _stage(2, steps=700, lr=1e-3, template="vicuna_v1", aspect="pad", max_length=256,
                     buckets=(96, 160, 256))
+
   return c
