@@ -27,7 +27,6 @@ _BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 def build_tokenizer(texts: list[str], out_dir: str, vocab_size: int) -> str:
   """Trains a LLaMA-style BPE tokenizer (same normalizer, byte fallback, <unk>/<s>/</s> = 0/1/2) on `texts`."""
   from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  from llava_jax.models import config as _  # noqa: F401  (keeps import order simple)
   base_dir = os.path.join(os.path.dirname(__file__), "assets", "llama_tokenizer")
   with open(os.path.join(base_dir, "tokenizer.json")) as f:
     spec = json.load(f)

@@ -39,7 +39,7 @@ from llava_jax import sharding
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
 from llava_jax.data import tokenize
-from llava_jax.models import layers
+from llava_jax.models import llama
 from llava_jax.models.config import IMAGE_TOKEN_INDEX, RuntimeConfig
 from llava_jax.models.llava import LlavaModel
 
@@ -169,12 +169,8 @@ def run_layers(lm, x: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache
   Returns:
     ([B, T, D] normed hidden states, the updated caches).
   """
-  cfg = lm.cfg
-  inv_freq = layers.rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling_dict)
-  cos, sin = layers.rope_cos_sin(positions, inv_freq)
-  t, s = x.shape[1], kv_mask.shape[1]
-  causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
-  mask = causal[None, None] & kv_mask[:, None, None, :]  # [B, 1, T, S]
+  cos, sin = llama.rope_tables(lm.cfg, positions)
+  mask = llama.slot_mask(x.shape[1], kv_mask.shape[1], index, kv_mask)  # [B, 1, T, S]
   new_caches = []
   for layer, kv in zip(lm.layers, caches):
     x, kv = layer(sharding.constrain_batch(x), cos, sin, mask, kv, index)

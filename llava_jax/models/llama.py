@@ -128,17 +128,11 @@ class LlamaModel(nnx.Module):
     Returns:
       ([B, T, D] normed hidden states, the updated cache or None).
     """
-    inv_freq = layers.rope_inverse_frequencies(self.cfg.head_size, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
-    cos, sin = layers.rope_cos_sin(positions, inv_freq)
+    cos, sin = rope_tables(self.cfg, positions)
     mask = None
     if kv_mask is not None or cache is not None:
-      t = x.shape[1]
-      s = cache.k.shape[2] if cache is not None else t
-      query_slot = cache_index + jnp.arange(t)
-      mask = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
-      mask = mask[None, None]
-      if kv_mask is not None:
-        mask = mask & kv_mask[:, None, None, :]
+      s = cache.k.shape[2] if cache is not None else x.shape[1]
+      mask = slot_mask(x.shape[1], s, cache_index, kv_mask)
 
     def body(layer, h, layer_cache):
       h, layer_cache = layer(sharding.constrain_batch(h), cos, sin, mask, layer_cache, cache_index)
@@ -162,6 +156,18 @@ class LlamaModel(nnx.Module):
       positions = default_positions(attention_mask, input_ids.shape)
     hidden, _ = self.decode(self.embed(input_ids), positions, kv_mask=attention_mask)
     return self.logits(hidden)
+
+
+def rope_tables(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) float32[B, T, H] for int32[B, T] positions, with the config's theta and scaling."""
+  inv_freq = layers.rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling_dict)
+  return layers.rope_cos_sin(positions, inv_freq)
+
+
+def slot_mask(t: int, s: int, first_slot: jax.Array | int, kv_mask: jax.Array | None) -> jax.Array:
+  """bool[B or 1, 1, T, S]: new tokens in slots [first_slot, first_slot + T) see slots <= their own and in kv_mask."""
+  mask = (jnp.arange(s)[None, :] <= (first_slot + jnp.arange(t))[:, None])[None, None]
+  return mask if kv_mask is None else mask & kv_mask[:, None, None, :]
 
 
 def default_positions(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
