@@ -35,8 +35,9 @@ def get_config(arg: str = ""):
                                                image_size=56))
   c.tokenizer_vocab_size = 1000
   c.num_eval_questions = 300
+  c.vision_position_std = 0.5  # the random vision tower's position embeddings (see llava_jax.demo.write_init_model)
   c.stage1 = _stage(1, steps=120, lr=1e-3, template="plain", aspect="square", max_length=64, buckets=(64,))
-  c.stage2 = _stage(2, steps=700, lr=1e-3, template="vicuna_v1", aspect="pad", max_length=256,
-                    buckets=(96, 160, 256))
+  c.stage2 = _stage(2, steps=1000, lr=1e-3, template="vicuna_v1", aspect="pad", max_length=192,
+                    buckets=(112, 144, 192))
 
   return c

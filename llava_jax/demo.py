@@ -4,9 +4,12 @@
 
 Everything is made locally: the images and LLaVA-format data (`llava_jax.data.demo`), a small BPE tokenizer
 trained on that text (the LLaMA tokenizer's normalizer, byte fallback and special tokens, with a 32k -> ~1k
-vocabulary so the LM head of a tiny model is cheap on CPU), and a randomly initialised tiny LLaVA. The two stages
-run through the same trainer as real runs; the final model answers the held-out short questions greedily, once
-with the images and once with the images blanked (mean colour), which shows the answers come from the pixels.
+vocabulary so the LM head of a tiny model is cheap on CPU; trained on the rendered prompts, so the system message
+costs one token per word), and a randomly initialised tiny LLaVA written as stage 1's starting model folder (as
+`convert assemble` makes one; its random vision tower has position embeddings large enough to say where each patch
+is, see `write_init_model`). The two stages run through the same trainer as real runs; the final model answers the
+held-out short questions greedily, once with the images and once with the images blanked (mean colour), which
+shows the answers come from the pixels.
 """
 from __future__ import annotations
 
@@ -48,14 +51,19 @@ def build_tokenizer(texts: list[str], out_dir: str, vocab_size: int) -> str:
   return out_dir
 
 
-def _corpus(paths: list[str]) -> list[str]:
+def _corpus(files: dict[str, str]) -> list[str]:
+  """The text the model is trained on: {data file: template} -> every record rendered as its training prompt.
+
+  The tokenizer learns from the prompts themselves (system message and roles included), so the fixed text each
+  sample carries takes few tokens; `<image>` is cut out as the pipeline's encoder does.
+  """
   texts = []
-  for path in paths:
+  for path, template_name in files.items():
+    template = templates.get_template(template_name)
     with open(path) as f:
       for record in json.load(f):
-        texts.extend(turn["value"] for turn in record["conversations"])
-  texts.append(templates.get_template("vicuna_v1").build_prompt(
-      [("human", "Q"), ("gpt", "A"), ("human", "Q"), ("gpt", None)]))
+        turns = [(t["from"], templates.move_image_to_front(t["value"])) for t in record["conversations"]]
+        texts.extend(piece for piece in template.build_prompt(turns).split(templates.IMAGE_TAG) if piece)
   return texts
 
 
@@ -68,6 +76,30 @@ def _stage_config(stage_cfg: ml_collections.ConfigDict, data_file: str, image_fo
   c.model.text.vocab_size = vocab
   c.init_model = init_model
   return c
+
+
+def write_init_model(model_cfg: ml_collections.ConfigDict, tokenizer_dir: str, vocab: int, out_dir: str, *,
+                     seed: int, position_std: float) -> str:
+  """Stage 1's starting model folder, as `convert assemble` makes one: vision tower + LLM + fresh projector.
+
+  There is no pretrained CLIP here, so the tower is random; its position embeddings are drawn with std
+  `position_std` instead of CLIP's init 0.02 so that, like a trained CLIP's, each patch feature says where the
+  patch is (with 0.02 the patch content drowns the position and "where is it?" stays at chance).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from llava_jax import model_folder  # pylint: disable=g-import-not-at-top
+  from llava_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from llava_jax.models.llava import LlavaModel  # pylint: disable=g-import-not-at-top
+  cfg_dict = model_cfg.to_dict()
+  cfg_dict["text"]["vocab_size"] = vocab
+  cfg = ModelConfig.from_dict(cfg_dict)
+  model = LlavaModel(cfg, rngs=nnx.Rngs(seed))
+  embedding = model.vision_tower.position_embedding
+  embedding.value = embedding.value * (position_std / 0.02)
+  model_folder.save_model_folder(out_dir, cfg, nnx.state(model, nnx.Param),
+                                 tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), overwrite=True)
+  return out_dir
 
 
 def answer_questions(model_dir: str, questions: list[dict], image_folder: str, *, blank: bool,
@@ -105,13 +137,18 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> int:
           "image_folder": os.path.join(data_dir, "images")}
   tok_dir = os.path.join(workdir, "tokenizer")
   if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-    build_tokenizer(_corpus([paths["stage1"], paths["stage2"]]), tok_dir, config.tokenizer_vocab_size)
+    corpus = _corpus({paths["stage1"]: config.stage1.data.template, paths["stage2"]: config.stage2.data.template})
+    build_tokenizer(corpus, tok_dir, config.tokenizer_vocab_size)
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   vocab = len(AutoTokenizer.from_pretrained(tok_dir))
   print(f"demo data in {data_dir}; tokenizer of {vocab} tokens", file=sys.stderr)
 
   stage1_dir, stage2_dir = os.path.join(workdir, "stage1"), os.path.join(workdir, "stage2")
-  s1 = _stage_config(config.stage1, paths["stage1"], paths["image_folder"], tok_dir, vocab, "", stage1_dir)
+  init_dir = os.path.join(workdir, "init_model")
+  if not os.path.exists(os.path.join(init_dir, "config.json")):
+    write_init_model(config.stage1.model, tok_dir, vocab, init_dir, seed=config.stage1.seed,
+                     position_std=config.vision_position_std)
+  s1 = _stage_config(config.stage1, paths["stage1"], paths["image_folder"], tok_dir, vocab, init_dir, stage1_dir)
   result1 = trainer.train(s1, stage1_dir)
   if result1.interrupted:
     return 0

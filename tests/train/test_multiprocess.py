@@ -31,7 +31,7 @@ def data(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp("mp_data")
   paths = demo_data.write_demo_dataset(root, seed=3, num_stage1=8, num_stage2=96, num_heldout=8, image_size=28)
-  tok = demo.build_tokenizer(demo._corpus([paths["stage2"]]), str(root / "tok"), 400)
+  tok = demo.build_tokenizer(demo._corpus({paths["stage2"]: "vicuna_v1"}), str(root / "tok"), 400)
   rows = json.load(open(paths["stage2"]))
   for i, row in enumerate(rows):
     if i % 8 == 0:

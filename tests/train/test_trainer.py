@@ -25,7 +25,7 @@ def data(tmp_path_factory):
   """A small shapes dataset and a tokenizer trained on it (small vocabulary keeps the LM head cheap)."""
   root = tmp_path_factory.mktemp("data")
   paths = demo_data.write_demo_dataset(root, seed=1, num_stage1=96, num_stage2=96, num_heldout=8, image_size=28)
-  tok = demo.build_tokenizer(demo._corpus([paths["stage1"], paths["stage2"]]), str(root / "tok"), 400)
+  tok = demo.build_tokenizer(demo._corpus({paths["stage1"]: "plain", paths["stage2"]: "vicuna_v1"}), str(root / "tok"), 400)
   from transformers import AutoTokenizer
   paths["tokenizer"] = tok
   paths["vocab"] = len(AutoTokenizer.from_pretrained(tok))
