@@ -23,3 +23,11 @@ def test_demo_command_runs_both_stages_and_reports_accuracy(tmp_path):
     assert rows[-1]["step"] == 3 and {"loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(rows[-1])
   cfg = json.load(open(tmp_path / "stage2" / "model" / "config.json"))["model"]
   assert cfg["template"] == "vicuna_v1" and cfg["image_aspect_ratio"] == "pad"
+
+  # The same command again resumes both finished stages (nothing is retrained) and reports the same accuracy.
+  again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.load(open(tmp_path / "demo_result.json"))["heldout_accuracy"] == result["heldout_accuracy"]
+  for stage in ("stage1", "stage2"):
+    rows = [json.loads(l) for l in open(tmp_path / stage / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 3 and len([r for r in rows if r["step"] == 3]) == 1

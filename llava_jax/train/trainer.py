@@ -192,7 +192,8 @@ def write_outputs(workdir: str, model_cfg: ModelConfig, trainable, frozen, token
   """Final model folder (and, for stage 1, the projector alone in LLaVA's `model.mm_projector.*` naming)."""
   out_dir = os.path.join(workdir, "model")
   params = nnx.merge_state(trainable, frozen)
-  model_folder.save_model_folder(out_dir, model_cfg, params, tokenizer=tokenizer)
+  # overwrite: a restart after the end (or after a kill in a later stage) writes the same model again.
+  model_folder.save_model_folder(out_dir, model_cfg, params, tokenizer=tokenizer, overwrite=True)
   if stage == 1:
     projector = multihost_utils.process_allgather(nnx.State({"projector": params["projector"]}), tiled=True)
     if jax.process_index() == 0:
