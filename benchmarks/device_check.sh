@@ -4,6 +4,8 @@
 #   decode.py (if present) in the time that is left.
 # Tables go to $OUT (default ./bench_out): train_step.md/.json, decode.txt, and the full logs.
 # Budgets (seconds, environment): TOTAL_S=510, TRAIN_DEADLINE_S=360, CASE_TIMEOUT_S=170, MIN_DECODE_S=90;
+# PROFILE=1 also traces 2 steps of each llava_jax case (train_step.py --profile_dir=$OUT/profiles) and prints
+# its busiest device ops under the table (costs some seconds per case);
 # CASES=... overrides the case list (by default stage2-7b is left out on cards under 100 GB: both sides need
 # about 90 GB there; the peer's measured peak is 87.7 GB).
 set -u
@@ -36,7 +38,8 @@ echo "=== train_step: $CASES ==="
 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95} \
   timeout -k 10 $((TRAIN_DEADLINE_S + 30)) \
   python benchmarks/train_step.py --peer --cases="$CASES" --out="$OUT/train_step.md" \
-    --deadline_s="$TRAIN_DEADLINE_S" --timeout_s="$CASE_TIMEOUT_S" > "$OUT/train_step.out" 2> "$OUT/train_step.log"
+    --deadline_s="$TRAIN_DEADLINE_S" --timeout_s="$CASE_TIMEOUT_S" \
+    ${PROFILE:+--profile_dir="$OUT/profiles"} > "$OUT/train_step.out" 2> "$OUT/train_step.log"
 echo "train_step exit $? after $((SECONDS - start)) s (log: $OUT/train_step.log)"
 [ -f "$OUT/train_step.md" ] && cat "$OUT/train_step.md"
 tail -n 30 "$OUT/train_step.log"

@@ -63,6 +63,9 @@ _WARMUP = flags.DEFINE_integer("warmup", None, "Untimed steps after compilation 
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Positions per logits chunk of the loss.")
 _REMAT_POLICY = flags.DEFINE_string("remat_policy", "full", "llava_jax remat policy of the remat case.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "", "llava_jax attention: '' (cudnn on GPU), 'xla' or 'cudnn'.")
+_PROFILE = flags.DEFINE_string("profile_dir", None, "llava_jax: trace --profile_steps more steps of each case "
+                                "into DIR/CASE (jax.profiler, perfetto) and print its busiest device ops.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table as markdown here, and JSON next to it (.json).")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Limit of one case subprocess.")
 _DEADLINE = flags.DEFINE_integer("deadline_s", None, "Whole-run limit: cases that would start later are skipped.")
@@ -220,7 +223,7 @@ def param_counts(model) -> tuple[int, int, int]:
 
 
 def run_ours(case: Case, small: bool, steps: int, warmup: int, loss_chunk: int, remat_policy: str,
-             attention_impl: str = "") -> dict:
+             attention_impl: str = "", profile_dir: str | None = None, profile_steps: int = 2) -> dict:
 
   compiles = []  # fun_name of every XLA compilation in this process
   jax.monitoring.register_event_duration_secs_listener(
@@ -280,6 +283,10 @@ def run_ours(case: Case, small: bool, steps: int, warmup: int, loss_chunk: int, 
       state, metrics = train_step(state, frozen, batch)
     jax.block_until_ready((state, metrics))  # the only synchronisation of the timed loop
     step_s = (time.perf_counter() - t3) / steps
+    profile = None
+    if profile_dir:  # after the timing, so the trace costs the timed steps nothing
+      profile = _profile(lambda s: train_step(s, frozen, batch), state, profile_dir, profile_steps)
+      state = profile.pop("state")
   metrics = jax.device_get(metrics)
   stats = jax.devices()[0].memory_stats() or {}
   memory = compiled.memory_analysis()
@@ -298,7 +305,21 @@ def run_ours(case: Case, small: bool, steps: int, warmup: int, loss_chunk: int, 
       flops=step_flops(case, n_vision, n_projector, n_llm), n_vision=n_vision, n_projector=n_projector,
       n_llm=n_llm, remat_policy=runtime.remat_policy, attention_impl=layers.attention_implementation(runtime),
       loss_chunk=loss_chunk, device=jax.devices()[0].device_kind,
-      versions=f"jax {jax.__version__}")
+      versions=f"jax {jax.__version__}", profile=profile)
+
+
+def _profile(step, state, trace_dir: str, n: int) -> dict:
+  """Traces n steps; -> {state, top: busiest device ops (trace_summary rows) or error}. Never raises."""
+  import trace_summary  # pylint: disable=g-import-not-at-top  (benchmarks/ is on sys.path as the script's folder)
+  try:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(n):
+        state, metrics = step(state)
+      jax.block_until_ready((state, metrics))
+    return {"state": state, "dir": trace_dir, "top": trace_summary.summarize(trace_dir, top=25, steps=n)}
+  except Exception as e:  # pylint: disable=broad-except  (a failed trace must not lose the measured row)
+    traceback.print_exc()
+    return {"state": state, "dir": trace_dir, "error": f"{type(e).__name__}: {e}"[:300]}
 
 
 # --- PyTorch peer worker -----------------------------------------------------------------------------------------
@@ -376,8 +397,9 @@ def worker_main() -> None:
   steps, warmup = _steps()
   try:
     if _WORKER.value == "ours":
+      profile_dir = os.path.join(_PROFILE.value, _CASES.value[0]) if _PROFILE.value else None
       result = run_ours(case, _SMALL.value, steps, warmup, _LOSS_CHUNK.value, _REMAT_POLICY.value,
-                        _ATTENTION.value)
+                        _ATTENTION.value, profile_dir, _PROFILE_STEPS.value)
     else:
       result = run_peer(case, steps, warmup)
     result["status"] = "ok"
@@ -406,7 +428,8 @@ def run_case(side: str, name: str, timeout: float) -> dict:
               if getattr(flags.FLAGS, f) is not None]
     cmd = [sys.executable, __file__, f"--worker={side}", f"--cases={name}", f"--result_file={result_file}",
            f"--loss_chunk={_LOSS_CHUNK.value}", f"--remat_policy={_REMAT_POLICY.value}",
-           f"--attention_impl={_ATTENTION.value}",
+           f"--attention_impl={_ATTENTION.value}", f"--profile_steps={_PROFILE_STEPS.value}",
+           *([f"--profile_dir={_PROFILE.value}"] if _PROFILE.value and side == "ours" else []),
            "--small" if _SMALL.value else "--nosmall", *passed]
     print(f"\n=== {name} ({side}) ===", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -476,7 +499,15 @@ def render(results: list[dict], peak: float | None, small: bool) -> str:
       "compile of the train step; step compiles: XLA compilations of the train step in the process (+ any "
       "compilation during the timed steps); '!' = non-finite loss (update skipped).",
   ]
-  return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+  text = "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+  for r in ok:
+    profile = r.get("profile")
+    if profile:
+      import trace_summary  # pylint: disable=g-import-not-at-top  (next to this script, on sys.path when run)
+      title = f"\n### {r['case']} ({r['impl']}): busiest device ops, trace in {profile['dir']}"
+      text += (trace_summary.render(profile["top"], title) if "top" in profile else
+               f"{title}\n{profile.get('error')}\n")
+  return text
 
 
 def main(argv):

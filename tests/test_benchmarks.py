@@ -105,3 +105,19 @@ def test_a_case_that_times_out_becomes_a_row(tmp_path):
 def test_unknown_case_is_refused(tmp_path):
   proc = _run(tmp_path, "--cases=stage3-70b", timeout=60)
   assert proc.returncode != 0 and "unknown cases ['stage3-70b']" in proc.stderr
+
+
+def test_trace_summary_finds_the_xla_ops_of_a_profiled_run(tmp_path):
+  spec = importlib.util.spec_from_file_location("trace_summary", SCRIPT.parent / "trace_summary.py")
+  summary = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(summary)
+  f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+  a = jnp.ones((256, 256))
+  f(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(2):
+      f(a).block_until_ready()
+  rows = summary.summarize(tmp_path, top=10, steps=2)
+  assert rows and all(r["ms_per_step"] > 0 and 0 < r["share"] <= 1 for r in rows)
+  assert all(r["thread"].startswith("/host:CPU tf_XLA") for r in rows)  # CPU: the XLA threads, not python
+  assert "| thread | op |" in summary.render(rows)
