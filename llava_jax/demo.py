@@ -83,12 +83,14 @@ def write_init_model(model_cfg: ml_collections.ConfigDict, tokenizer_dir: str, v
   """Stage 1's starting model folder, as `convert assemble` makes one: vision tower + LLM + fresh projector.
 
   There is no pretrained CLIP here, so the tower is random; its position embeddings are drawn with std
-  `position_std` instead of CLIP's init 0.02 so that, like a trained CLIP's, each patch feature says where the
-  patch is (with 0.02 the patch content drowns the position and "where is it?" stays at chance).
+  `position_std` instead of CLIP's init (`clip.EMBEDDING_INIT_STD`, 0.02) so that, like a trained CLIP's, each
+  patch feature says where the patch is (with 0.02 the patch content drowns the position and "where is it?"
+  stays at chance).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   from llava_jax import model_folder  # pylint: disable=g-import-not-at-top
+  from llava_jax.models import clip  # pylint: disable=g-import-not-at-top
   from llava_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from llava_jax.models.llava import LlavaModel  # pylint: disable=g-import-not-at-top
   cfg_dict = model_cfg.to_dict()
@@ -96,7 +98,7 @@ def write_init_model(model_cfg: ml_collections.ConfigDict, tokenizer_dir: str, v
   cfg = ModelConfig.from_dict(cfg_dict)
   model = LlavaModel(cfg, rngs=nnx.Rngs(seed))
   embedding = model.vision_tower.position_embedding
-  embedding.value = embedding.value * (position_std / 0.02)
+  embedding.value = embedding.value * (position_std / clip.EMBEDDING_INIT_STD)
   model_folder.save_model_folder(out_dir, cfg, nnx.state(model, nnx.Param),
                                  tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), overwrite=True)
   return out_dir

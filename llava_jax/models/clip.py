@@ -17,6 +17,9 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
+EMBEDDING_INIT_STD = 0.02  # class and position embeddings at random init
+
+
 class CLIPAttention(nnx.Module):
   """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
@@ -66,9 +69,9 @@ class CLIPVisionTransformer(nnx.Module):
     self.patch_embedding = nnx.Conv(cfg.num_channels, d, kernel_size=(cfg.patch_size, cfg.patch_size),
                                     strides=(cfg.patch_size, cfg.patch_size), padding="VALID", use_bias=False,
                                     dtype=dt, param_dtype=pdt, rngs=rngs)
-    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), pdt) * 0.02)
+    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), pdt) * EMBEDDING_INIT_STD)
     self.position_embedding = nnx.Param(
-        jax.random.normal(rngs.params(), (cfg.num_patches + 1, d), pdt) * 0.02)
+        jax.random.normal(rngs.params(), (cfg.num_patches + 1, d), pdt) * EMBEDDING_INIT_STD)
     norm = lambda: nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
     self.pre_layrnorm, self.post_layernorm = norm(), norm()
     self.layers = layers.make_stack(lambda r: CLIPEncoderLayer(cfg, runtime, rngs=r), cfg.num_hidden_layers,
