@@ -54,11 +54,12 @@ def summarize(trace_dir: str | pathlib.Path, top: int = 25, steps: int = 1) -> l
 
 
 def render(rows: list[dict], title: str = "") -> str:
-  lines = [f"{title}" if title else "", "| thread | op | ms/step | calls/step | share of thread |", "|---|---|---|---|---|"]
+  header = ["| thread | op | ms/step | calls/step | share of thread |", "|---|---|---|---|---|"]
+  lines = ([title] if title else []) + header
   for r in rows:
     op = r["op"] if len(r["op"]) <= 80 else r["op"][:77] + "..."
     lines.append(f"| {r['thread']} | `{op}` | {r['ms_per_step']:.3f} | {r['count']:g} | {100 * r['share']:.1f}% |")
-  return "\n".join(l for l in lines if l) + "\n"
+  return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

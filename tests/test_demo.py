@@ -9,7 +9,6 @@ from configs import demo as demo_config
 from llava_jax import demo, model_folder
 from llava_jax.data import demo as demo_data
 from llava_jax.data import templates
-from llava_jax.models.config import ModelConfig
 from llava_jax.models.llava import LlavaModel
 
 
@@ -42,7 +41,7 @@ def test_tokenizer_learns_the_system_prompt(small_demo):
 
 
 def test_init_model_changes_only_the_position_embedding_scale(small_demo, tmp_path):
-  root, _, _, tok_dir = small_demo
+  tok_dir = small_demo[3]
   model_cfg = demo_config.get_config().stage1.model
   out = demo.write_init_model(model_cfg, tok_dir, 512, str(tmp_path / "init"), seed=3, position_std=0.5)
   saved = model_folder.load_numpy_params(out)
