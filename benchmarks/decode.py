@@ -14,7 +14,7 @@ Measured, each the best of --repeats after a warm-up (excluded); every timing en
 - peak GB: the device's peak memory in the side's process (JAX: includes the transient second copy of the LLM
   layers made when the engine unstacks them);
 - the memory-bandwidth bound: batch / (LLM weight bytes / copy bandwidth), the copy bandwidth measured with a
-  jitted `x * 2` over a large bf16 array (bytes read + written).
+  jitted `x * 2` over a 4 GB array (bytes read + written), 10 calls per timing.
 Each side runs in a child process of its own (transformers first, then JAX), so the two CUDA stacks and
 allocators never share a process; the parent prints the table.
 
@@ -50,6 +50,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is re
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "auto: bf16 on GPU, fp32 on CPU.")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run transformers.")
 _SKIP_JAX = flags.DEFINE_bool("skip_jax", False, "Do not run llava_jax.")
+_UNFUSED = flags.DEFINE_bool("unfused_row", True, "Also time llava_jax at batch 1 without fused q/k/v and gate/up "
+                              "projections (Engine(fuse_projections=False)).")
 _PART = flags.DEFINE_enum("part", "", ["", "hf", "jax"], "Internal: run one side and write --result_file.")
 _RESULT_FILE = flags.DEFINE_string("result_file", None, "Internal: where a part writes its JSON results.")
 
@@ -100,18 +102,21 @@ def llm_weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
   return itemsize * (t.num_hidden_layers * per_layer + 2 * t.vocab_size * t.hidden_size + t.hidden_size)
 
 
-def copy_bandwidth(dtype, n_bytes: int) -> float:
-  """Bytes/s of a jitted `x * 2` (n_bytes read + n_bytes written), best of 5. (float32: bf16 arithmetic is
-  emulated on CPU; on GPU the dtype makes no difference to a copy.)"""
+def copy_bandwidth(dtype, n_bytes: int, iters: int = 10) -> float:
+  """Bytes/s of a jitted `x * 2` (n_bytes read + n_bytes written): `iters` calls back to back, one sync at the
+  end (so the host's dispatch and sync cost is spread thin), best of 5. (float32: bf16 arithmetic is emulated on
+  CPU; on GPU the dtype makes no difference to a copy.)"""
   x = jnp.ones((n_bytes // jnp.dtype(dtype).itemsize,), dtype)
   f = jax.jit(lambda a: a * 2)
   f(x).block_until_ready()
   best = float("inf")
   for _ in range(5):
     t0 = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  del x
+    for _ in range(iters):
+      y = f(x)
+    y.block_until_ready()
+    best = min(best, (time.perf_counter() - t0) / iters)
+  del x, y
   return 2 * n_bytes / best
 
 
@@ -173,7 +178,7 @@ def run_hf(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repea
 # --- llava_jax ------------------------------------------------------------------------------------------------
 
 
-def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats):
+def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats, unfused_row=False):
   t0 = time.perf_counter()
   runtime = RuntimeConfig(param_dtype=dtype_name, dtype=dtype_name)
   model = nnx.jit(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0)))()
@@ -181,11 +186,15 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, init {time.perf_counter() - t0:.1f} s, "
         f"attention: vision {getattr(model.vision_tower.layers.self_attn, 'implementation', '?')}, "
         "LLM (masked) xla", flush=True)
-  engine = generate.Engine(model)  # runs a copy with unstacked LLM layers
+  engines = {"": generate.Engine(model)}  # runs a copy with unstacked (and fused) LLM layers
+  if unfused_row:
+    engines["unfused"] = generate.Engine(model, fuse_projections=False)
   del model  # frees the stacked layer arrays
   params = generate.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
   results = {}
-  for batch in batches:
+  runs = [(b, "") for b in batches] + ([(min(batches), "unfused")] if unfused_row else [])
+  for batch, kind in runs:
+    engine = engines[kind]
     ids, images = prompts(cfg, batch, text_tokens)
     requests = [generate.Request(ids[i], images[i:i + 1]) for i in range(batch)]
 
@@ -207,11 +216,12 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
     first = timed()  # compiles
     prefill, first9, decode = best_of(timed, repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    results[batch] = dict(prefill_s=prefill, first9_s=first9,
-                          decode_tok_s=batch * (new_tokens - 9) / decode,
-                          compile_s=(first[1] + first[2]) - (first9 + decode),
-                          peak_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
-    print(f"  jax batch {batch}: {results[batch]}", flush=True)
+    key = f"{batch}{kind}"
+    results[key] = dict(prefill_s=prefill, first9_s=first9,
+                        decode_tok_s=batch * (new_tokens - 9) / decode,
+                        compile_s=(first[1] + first[2]) - (first9 + decode),
+                        peak_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
+    print(f"  jax batch {key}: {results[key]}", flush=True)
   return results
 
 
@@ -229,7 +239,7 @@ def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
             "dtype": dtype}
   dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   backend = jax.default_backend()
-  out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value)}
+  out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value, _UNFUSED.value)}
   out["bandwidth"] = copy_bandwidth(jnp.float32, (256 << 20) if backend == "cpu" else (4 << 30))
   out["device"] = jax.devices()[0].device_kind
   out["dtype"] = dtype
@@ -262,7 +272,8 @@ def main(argv):
       path = os.path.join(tmp, "result.json")
       argv = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--result_file={path}",
               f"--small={small}", f"--batch_sizes={','.join(map(str, batches))}", f"--new_tokens={new_tokens}",
-              f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}", f"--dtype={_DTYPE.value}"]
+              f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}", f"--dtype={_DTYPE.value}",
+              f"--unfused_row={_UNFUSED.value}"]
       t0 = time.perf_counter()
       rc = subprocess.run(argv, check=False).returncode
       print(f"[{part}: exit {rc}, {time.perf_counter() - t0:.0f} s wall]", flush=True)
@@ -272,7 +283,7 @@ def main(argv):
   if not results:
     raise SystemExit("no side produced results")
   hf = {int(k): v for k, v in results.get("hf", {}).get("batches", {}).items()}
-  ours = {int(k): v for k, v in results.get("jax", {}).get("batches", {}).items()}
+  ours = dict(results.get("jax", {}).get("batches", {}).items())
   bandwidth = results.get("jax", {}).get("bandwidth")
   dtype = next(r["dtype"] for r in results.values())
   weights = llm_weight_bytes(cfg, jnp.dtype(dtype).itemsize)
@@ -288,12 +299,13 @@ def main(argv):
   print("|---" * (header.count("|") - 1) + "|")
   fmt = lambda v, spec, unit="": "" if v is None else format(v, spec) + unit
   for batch in batches:
-    for name, res in (("transformers", hf), ("llava_jax", ours)):
-      if batch not in res:
+    for name, res, key in (("transformers", hf, batch), ("llava_jax", ours, str(batch)),
+                           ("llava_jax unfused", ours, f"{batch}unfused")):
+      if key not in res:
         continue
-      r = res[batch]
+      r = res[key]
       share = r["decode_tok_s"] * step_bound_s / batch if step_bound_s else None
-      vs = (r["decode_tok_s"] / hf[batch]["decode_tok_s"]) if name == "llava_jax" and batch in hf else None
+      vs = (r["decode_tok_s"] / hf[batch]["decode_tok_s"]) if name != "transformers" and batch in hf else None
       print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_tok_s'] / batch:.1f} | {fmt(share and 100 * share, '.0f', '%')} | {fmt(vs, '.2f', 'x')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")

@@ -6,6 +6,8 @@
 # Budgets (seconds, environment): TOTAL_S=510, TRAIN_DEADLINE_S=360, CASE_TIMEOUT_S=170, MIN_DECODE_S=90;
 # PROFILE=1 also traces 2 steps of each llava_jax case (train_step.py --profile_dir=$OUT/profiles) and prints
 # its busiest device ops under the table (costs some seconds per case);
+# VARIANTS="NAME:key=value,... NAME2:..." adds llava_jax rows with other settings to every case (train_step.py
+# --variant; they run after the case's two main rows, so a deadline drops them first);
 # CASES=... overrides the case list (by default stage2-7b is left out on cards under 100 GB: both sides need
 # about 90 GB there; the peer's measured peak is 87.7 GB).
 set -u
@@ -39,7 +41,8 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95} \
   timeout -k 10 $((TRAIN_DEADLINE_S + 30)) \
   python benchmarks/train_step.py --peer --cases="$CASES" --out="$OUT/train_step.md" \
     --deadline_s="$TRAIN_DEADLINE_S" --timeout_s="$CASE_TIMEOUT_S" \
-    ${PROFILE:+--profile_dir="$OUT/profiles"} > "$OUT/train_step.out" 2> "$OUT/train_step.log"
+    ${PROFILE:+--profile_dir="$OUT/profiles"} ${VARIANTS:+$(printf -- ' --variant=%s' $VARIANTS)} \
+    > "$OUT/train_step.out" 2> "$OUT/train_step.log"
 echo "train_step exit $? after $((SECONDS - start)) s (log: $OUT/train_step.log)"
 [ -f "$OUT/train_step.md" ] && cat "$OUT/train_step.md"
 tail -n 30 "$OUT/train_step.log"

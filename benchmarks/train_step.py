@@ -17,6 +17,12 @@ then `--steps` timed steps with one synchronisation at the end. Every llava_jax 
   python benchmarks/train_step.py --peer --out=/tmp/train_step.md        # GPU, all cases, ours and the peer
   python benchmarks/train_step.py --small --peer                         # tiny shapes on CPU (smoke test)
   python benchmarks/train_step.py --cases=stage2-7b --steps=10 --remat_policy=save_attn_out
+  python benchmarks/train_step.py --peer --cases=stage2-1b --variant=noscan:scan_layers=0 \
+      --variant=chunk2048:loss_chunk=2048   # extra llava_jax rows with other settings, same run
+
+A --variant row is llava_jax with settings changed from the defaults: NAME:key=value,... with keys loss_chunk,
+scan_layers, recompute_elementwise, remat_policy (also in cases without remat) and xla_flags (';' between flags,
+added to XLA_FLAGS of that row's process).
 """
 from __future__ import annotations
 
@@ -66,6 +72,9 @@ _ATTENTION = flags.DEFINE_string("attention_impl", "", "llava_jax attention: '' 
 _PROFILE = flags.DEFINE_string("profile_dir", None, "llava_jax: trace --profile_steps more steps of each case "
                                 "into DIR/CASE (jax.profiler, perfetto) and print its busiest device ops.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
+_VARIANTS = flags.DEFINE_multi_string("variant", [], "Extra llava_jax rows per case: NAME:key=value,... "
+                                       "(keys: " + ", ".join(["loss_chunk", "scan_layers", "recompute_elementwise",
+                                                              "remat_policy", "xla_flags"]) + ").")
 _OUT = flags.DEFINE_string("out", None, "Also write the table as markdown here, and JSON next to it (.json).")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Limit of one case subprocess.")
 _DEADLINE = flags.DEFINE_integer("deadline_s", None, "Whole-run limit: cases that would start later are skipped.")
@@ -73,6 +82,25 @@ _MIN_CASE = flags.DEFINE_integer("min_case_s", 60, "With --deadline_s: a case ne
 # Worker mode (one case in this process; set by the driver).
 _WORKER = flags.DEFINE_enum("worker", None, ["ours", "peer"], "Internal: run one case here.")
 _RESULT = flags.DEFINE_string("result_file", None, "Internal: where the worker writes its JSON result.")
+_OVERRIDES = flags.DEFINE_string("overrides", "{}", "Internal: JSON settings of a --variant row.")
+
+VARIANT_KEYS = {"loss_chunk": int, "scan_layers": lambda v: v.lower() in ("1", "true", "yes"),
+                "recompute_elementwise": lambda v: v.lower() in ("1", "true", "yes"), "remat_policy": str,
+                "xla_flags": lambda v: v.replace(";", " ")}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """'NAME:key=value,...' -> (NAME, {key: typed value}); raises ValueError naming what is wrong."""
+  name, _, body = text.partition(":")
+  if not name or not body:
+    raise ValueError(f"--variant {text!r}: expected NAME:key=value,...")
+  settings = {}
+  for item in body.split(","):
+    key, eq, value = item.partition("=")
+    if not eq or key not in VARIANT_KEYS:
+      raise ValueError(f"--variant {text!r}: {item!r} is not key=value with a key in {sorted(VARIANT_KEYS)}")
+    settings[key] = VARIANT_KEYS[key](value)
+  return name, settings
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32)
@@ -207,11 +235,16 @@ class _Config(dict):
       raise AttributeError(name) from e
 
 
-def model_config(case: Case, remat_policy: str = "full", attention_impl: str = ""):
-  """(ModelConfig, RuntimeConfig) of a case: bf16 parameters and compute, scanned layers, remat in remat cases."""
+def model_config(case: Case, remat_policy: str = "full", attention_impl: str = "", overrides: dict | None = None):
+  """(ModelConfig, RuntimeConfig) of a case: bf16 parameters and compute, scanned layers, remat in remat cases,
+  the RuntimeConfig defaults otherwise; `overrides` (a --variant's settings) change them."""
+  overrides = overrides or {}
   cfg = ModelConfig(vision=VisionConfig(**case.vision), text=TextConfig(**case.text), projector_type="mlp2x_gelu")
   runtime = RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16", attention_impl=attention_impl or None,
-                          remat_policy=remat_policy if case.remat else "none", scan_layers=True)
+                          remat_policy=overrides.get("remat_policy", remat_policy if case.remat else "none"),
+                          scan_layers=overrides.get("scan_layers", True),
+                          recompute_elementwise=overrides.get("recompute_elementwise",
+                                                              RuntimeConfig.recompute_elementwise))
   return cfg, runtime
 
 
@@ -223,7 +256,10 @@ def param_counts(model) -> tuple[int, int, int]:
 
 
 def run_ours(case: Case, small: bool, steps: int, warmup: int, loss_chunk: int, remat_policy: str,
-             attention_impl: str = "", profile_dir: str | None = None, profile_steps: int = 2) -> dict:
+             attention_impl: str = "", profile_dir: str | None = None, profile_steps: int = 2,
+             overrides: dict | None = None) -> dict:
+  overrides = overrides or {}
+  loss_chunk = overrides.get("loss_chunk", loss_chunk)
 
   compiles = []  # fun_name of every XLA compilation in this process
   jax.monitoring.register_event_duration_secs_listener(
@@ -232,7 +268,7 @@ def run_ours(case: Case, small: bool, steps: int, warmup: int, loss_chunk: int, 
   n = 512 if small else 8192
   peak = matmul_tflops(n, 3 if small else 20)
 
-  cfg, runtime = model_config(case, remat_policy, attention_impl)
+  cfg, runtime = model_config(case, remat_policy, attention_impl, overrides)
   parts = optim.STAGE_TRAINABLE[case.stage]
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   abstract = nnx.eval_shape(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0)))
@@ -304,7 +340,8 @@ def run_ours(case: Case, small: bool, steps: int, warmup: int, loss_chunk: int, 
       xla_temp_bytes=getattr(memory, "temp_size_in_bytes", None), matmul_tflops=peak, matmul_n=n,
       flops=step_flops(case, n_vision, n_projector, n_llm), n_vision=n_vision, n_projector=n_projector,
       n_llm=n_llm, remat_policy=runtime.remat_policy, attention_impl=layers.attention_implementation(runtime),
-      loss_chunk=loss_chunk, device=jax.devices()[0].device_kind,
+      loss_chunk=loss_chunk, scan_layers=runtime.scan_layers, recompute_elementwise=runtime.recompute_elementwise,
+      xla_flags=overrides.get("xla_flags", ""), device=jax.devices()[0].device_kind,
       versions=f"jax {jax.__version__}", profile=profile)
 
 
@@ -399,7 +436,7 @@ def worker_main() -> None:
     if _WORKER.value == "ours":
       profile_dir = os.path.join(_PROFILE.value, _CASES.value[0]) if _PROFILE.value else None
       result = run_ours(case, _SMALL.value, steps, warmup, _LOSS_CHUNK.value, _REMAT_POLICY.value,
-                        _ATTENTION.value, profile_dir, _PROFILE_STEPS.value)
+                        _ATTENTION.value, profile_dir, _PROFILE_STEPS.value, json.loads(_OVERRIDES.value))
     else:
       result = run_peer(case, steps, warmup)
     result["status"] = "ok"
@@ -420,8 +457,10 @@ def _steps() -> tuple[int, int]:
   return steps, warmup
 
 
-def run_case(side: str, name: str, timeout: float) -> dict:
-  """Runs one case in a fresh process; never raises (failures become the row's status)."""
+def run_case(side: str, name: str, timeout: float, overrides: dict | None = None) -> dict:
+  """Runs one case in a fresh process (llava_jax with a --variant's `overrides`: no profile); never raises
+  (failures become the row's status)."""
+  overrides = overrides or {}
   with tempfile.TemporaryDirectory() as tmp:
     result_file = os.path.join(tmp, "result.json")
     passed = [f"--{f}={getattr(flags.FLAGS, f)}" for f in ("steps", "warmup")
@@ -429,11 +468,15 @@ def run_case(side: str, name: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, f"--worker={side}", f"--cases={name}", f"--result_file={result_file}",
            f"--loss_chunk={_LOSS_CHUNK.value}", f"--remat_policy={_REMAT_POLICY.value}",
            f"--attention_impl={_ATTENTION.value}", f"--profile_steps={_PROFILE_STEPS.value}",
-           *([f"--profile_dir={_PROFILE.value}"] if _PROFILE.value and side == "ours" else []),
+           f"--overrides={json.dumps(overrides)}",
+           *([f"--profile_dir={_PROFILE.value}"] if _PROFILE.value and side == "ours" and not overrides else []),
            "--small" if _SMALL.value else "--nosmall", *passed]
-    print(f"\n=== {name} ({side}) ===", file=sys.stderr, flush=True)
+    print(f"\n=== {name} ({side}{' ' + json.dumps(overrides) if overrides else ''}) ===", file=sys.stderr,
+          flush=True)
     start = time.perf_counter()
     env = dict(os.environ)
+    if overrides.get("xla_flags"):
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + overrides["xla_flags"]).strip()
     if _SMALL.value:  # tiny shapes on CPU: compile time dominates, and XLA's optimisations do not pay back
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                           " --xla_llvm_disable_expensive_passes=true").strip()
@@ -471,7 +514,7 @@ def render(results: list[dict], peak: float | None, small: bool) -> str:
       tflops = r["flops"] / r["step_s"] / 1e12
       ratio = None
       peer = by_key.get((r["case"], "peer"))
-      if r["impl"] == "llava_jax" and peer and peer.get("status") == "ok":
+      if r["impl"].startswith("llava_jax") and peer and peer.get("status") == "ok":
         ratio = peer["step_s"] / r["step_s"]
       compiles = None if r["impl"] == "peer" else f"{r['step_compiles']} (+{r['compiles_in_timed_loop']} timed)"
       cells += [f"{r['step_s']:.4f}", f"{r['tokens_per_s']:,.0f}", _fmt(tflops), _fmt(peak and 100 * tflops / peak),
@@ -481,16 +524,24 @@ def render(results: list[dict], peak: float | None, small: bool) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   ok = [r for r in results if r.get("status") == "ok"]
   devices = sorted({f"{r['impl']}: {r['device']} ({r['versions']})" for r in ok})
-  ours = [r for r in ok if r["impl"] == "llava_jax"]
-  policy = sorted({f"attention {r['attention_impl']}, loss chunk {r['loss_chunk']}" for r in ours})
-  remat = sorted({r["remat_policy"] for r in ours if r["case"].endswith("remat")})
+  ours = [r for r in ok if r["impl"].startswith("llava_jax")]
+  policy = sorted({f"attention {r['attention_impl']}, loss chunk {r['loss_chunk']}"
+                   for r in ours if r["impl"] == "llava_jax"})
+  remat = sorted({r["remat_policy"] for r in ours if r["case"].endswith("remat") and r["impl"] == "llava_jax"})
+  variants = sorted({f"{r['impl']}: scan_layers {r['scan_layers']}, recompute_elementwise "
+                     f"{r['recompute_elementwise']}, loss chunk {r['loss_chunk']}, remat {r['remat_policy']}"
+                     + (f", XLA_FLAGS+={r['xla_flags']}" if r.get("xla_flags") else "")
+                     for r in ours if r["impl"] != "llava_jax"})
   notes = [
       f"devices: {'; '.join(devices) or '-'}",
       "both: random weights, bf16 parameters and compute, AdamW (bf16 moments) after clipping to global norm 1, "
-      "one device; llava_jax: the trainer's train step (llava_jax.train.step), scanned layers, "
+      "one device; llava_jax: the trainer's train step (llava_jax.train.step), scanned layers, norms and SwiGLU "
+      "recomputed in the backward pass (recompute_elementwise), "
       f"{'; '.join(policy) or '-'}, remat policy '{'/'.join(remat) or '-'}' in the remat case; peer: transformers "
       "LlavaForConditionalGeneration, SDPA, torch.optim.AdamW(fused=True), gradient checkpointing in the remat "
       "case; ours / peer = peer step s / our step s (same batch, same FLOPs)",
+      *([f"variant rows (llava_jax[NAME], settings changed from the llava_jax row's): {'; '.join(variants)}"]
+        if variants else []),
       f"matmul peak: {_fmt(peak)} TFLOP/s (JAX bf16 {ours[0]['matmul_n'] if ours else '-'}^3, best over the "
       "llava_jax workers of this run)",
       FLOP_FORMULA,
@@ -520,18 +571,24 @@ def main(argv):
   unknown = [n for n in names if n not in table]
   if unknown:
     raise app.UsageError(f"unknown cases {unknown}; known: {', '.join(table)}")
+  try:
+    variants = [parse_variant(v) for v in _VARIANTS.value]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   start = time.perf_counter()
   results = []
   for name in names:
-    for side in ["ours", "peer"] if _PEER.value else ["ours"]:
+    rows = [("ours", "llava_jax", None)] + ([("peer", "peer", None)] if _PEER.value else [])
+    rows += [("ours", f"llava_jax[{v}]", settings) for v, settings in variants]
+    for side, impl, overrides in rows:
       timeout = _TIMEOUT.value
       if _DEADLINE.value is not None:
         timeout = min(timeout, _DEADLINE.value - (time.perf_counter() - start))
       if timeout < (_MIN_CASE.value if _DEADLINE.value is not None else 1):
         result = {"status": "skipped (deadline)"}
       else:
-        result = run_case(side, name, timeout)
-      result.update(case=name, impl="llava_jax" if side == "ours" else "peer")
+        result = run_case(side, name, timeout, overrides)
+      result.update(case=name, impl=impl)
       if result.get("status") == "ok":
         result["tokens_per_s"] = table[name].batch * table[name].seq / result["step_s"]
       results.append(result)

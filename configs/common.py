@@ -71,7 +71,8 @@ def base(stage: int) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.runtime = ml_collections.ConfigDict(dict(
-      param_dtype="float32", dtype="bfloat16", attention_impl="", remat_policy="none", scan_layers=True))
+      param_dtype="float32", dtype="bfloat16", attention_impl="", remat_policy="none", scan_layers=True,
+      recompute_elementwise=True))
   c.loss_chunk = 1024
 
   c.log_every = 10

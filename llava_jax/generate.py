@@ -134,16 +134,19 @@ class DecodeState(NamedTuple):
   rng: jax.Array  # key
 
 
-def unstack_layers(model: LlavaModel) -> LlavaModel:
+def unstack_layers(model: LlavaModel, fuse: bool = True) -> LlavaModel:
   """A copy of `model` for generation whose LLM decoder layers are L separate modules (`nnx.List`), each with
-  arrays of its own, instead of one stack of [L, ...] arrays run under `lax.scan`.
+  arrays of its own, instead of one stack of [L, ...] arrays run under `lax.scan`; with `fuse`, each layer's
+  q/k/v and gate/up kernels are also concatenated (one matmul each; skipped where a kernel's output axis is
+  sharded, since splitting the fused output would then move data between devices).
 
   Why: in a decode step every layer's weights and KV cache must be read once and the cache written one slot.
   Under a scan, each step slices the stacked weights (a copy per layer unless XLA fuses the slice into the
   matmul) and the scan reads the stacked cache as input and writes a fresh stacked output (a zero-fill and a
   copy of the whole cache per step). With separate arrays XLA reads the weights in place and updates each
   layer's cache in place in the loop carry. The other parameters are shared with `model`; the layers' arrays
-  are copies (the stacked ones are freed when `model` is).
+  are copies (the stacked ones are freed when `model` is). Fusing: a decode step at small batch reads weights;
+  fewer, larger matmuls read them closer to the memory bandwidth (fewer kernels, less launch and tail time).
   """
   copy = nnx.merge(*nnx.split(model))
   if isinstance(copy.language_model.layers, nnx.List):  # already unstacked
@@ -152,6 +155,13 @@ def unstack_layers(model: LlavaModel) -> LlavaModel:
   copy.language_model.layers = nnx.List([
       nnx.merge(stack_graph, jax.tree.map(lambda a, i=i: a[i], stack_state))
       for i in range(model.cfg.text.num_hidden_layers)])
+  if fuse:
+    for layer in copy.language_model.layers:
+      attn, mlp = layer.self_attn, layer.mlp
+      if all(map(llama.output_axis_whole, (attn.q_proj, attn.k_proj, attn.v_proj))):
+        attn.fuse_projections()
+      if all(map(llama.output_axis_whole, (mlp.gate_proj, mlp.up_proj))):
+        mlp.fuse_projections()
   return copy
 
 
@@ -254,15 +264,16 @@ class Engine:
     eos_token_id: generation of a row ends with it (default: the text config's).
     pad_token_id: written into rows after they end and into prompt padding (default: the text config's).
     cache_dtype: KV cache dtype (default: the compute dtype).
+    fuse_projections: run each layer's q/k/v and gate/up projections as one matmul each (`unstack_layers`).
 
   The engine runs a copy of the model with unstacked LLM layers (`unstack_layers`): the layers' parameters take
   memory twice while the caller keeps `model` (the CLIs do not).
   """
 
   def __init__(self, model: LlavaModel, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
-               cache_dtype: Any = None):
+               cache_dtype: Any = None, fuse_projections: bool = True):
     self.cfg = model.cfg
-    self.graphdef, self.state = nnx.split(unstack_layers(model))
+    self.graphdef, self.state = nnx.split(unstack_layers(model, fuse=fuse_projections))
     self.eos_token_id = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     self.pad_token_id = self.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
     self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)

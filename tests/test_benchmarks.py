@@ -72,12 +72,19 @@ def _run(tmp_path, *args, timeout=300):
 
 def test_small_run_ours_and_peer(tmp_path):
   out = tmp_path / "table.md"
-  proc = _run(tmp_path, "--small", "--peer", "--cases=stage2-7b-remat", f"--out={out}")
+  proc = _run(tmp_path, "--small", "--peer", "--cases=stage2-7b-remat", f"--out={out}",
+              "--variant=plain:recompute_elementwise=0,loss_chunk=8,remat_policy=dots")
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(out.with_suffix(".json").read_text())["results"]
   assert [(r["case"], r["impl"], r["status"]) for r in results] == [
-      ("stage2-7b-remat", "llava_jax", "ok"), ("stage2-7b-remat", "peer", "ok")], results
-  ours, peer = results
+      ("stage2-7b-remat", "llava_jax", "ok"), ("stage2-7b-remat", "peer", "ok"),
+      ("stage2-7b-remat", "llava_jax[plain]", "ok")], results
+  ours, peer, variant = results
+  assert ours["recompute_elementwise"] and ours["loss_chunk"] == 1024 and ours["scan_layers"]
+  assert (not variant["recompute_elementwise"] and variant["loss_chunk"] == 8 and variant["remat_policy"] == "dots"
+          and variant["scan_layers"])
+  # Same model, data and math: the same loss to float rounding.
+  assert variant["loss"] == pytest.approx(ours["loss"], abs=1e-2)
   case = ts.SMALL_CASES["stage2-7b-remat"]
   n_text = case.seq - case.image_tokens
   for r in results:
@@ -94,6 +101,14 @@ def test_small_run_ours_and_peer(tmp_path):
   row = next(line for line in table.splitlines() if line.startswith("| stage2-7b-remat | llava_jax"))
   assert row.rstrip(" |").endswith(f"{peer['step_s'] / ours['step_s']:.2f}x")
   assert "1 (+0 timed)" in row and "model FLOPs/step" in table
+  row = next(line for line in table.splitlines() if line.startswith("| stage2-7b-remat | llava_jax[plain]"))
+  assert row.rstrip(" |").endswith(f"{peer['step_s'] / variant['step_s']:.2f}x")
+  assert "llava_jax[plain]: scan_layers True, recompute_elementwise False, loss chunk 8, remat dots" in table
+
+
+def test_a_malformed_variant_is_refused(tmp_path):
+  proc = _run(tmp_path, "--small", "--variant=fast:chunk=8", timeout=60)
+  assert proc.returncode != 0 and "'chunk=8' is not key=value with a key in" in proc.stderr
 
 
 def test_a_case_that_times_out_becomes_a_row(tmp_path):

@@ -10,6 +10,8 @@ from flax import nnx
 
 from llava_jax import generate
 from llava_jax import generate_testing as testing
+from llava_jax import model_folder
+from llava_jax import sharding
 from llava_jax.generate_testing import IMAGE_SIZE, hf_greedy, random_image, tiny_hf_llava
 from llava_jax.models.config import IMAGE_TOKEN_INDEX
 
@@ -28,11 +30,16 @@ def mixed_requests(seed=0):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory, llama_tokenizer_dir):
-  """A tiny random llava-hf model and an engine on it, through from-hf and the model folder."""
-  from llava_jax import model_folder
+def small_folder(tmp_path_factory, llama_tokenizer_dir):
+  """A tiny random llava-hf model (GQA) and its model folder."""
   hf = tiny_hf_llava()
-  path = testing.convert_to_folder(hf, tmp_path_factory.mktemp("small"), llama_tokenizer_dir)
+  return hf, testing.convert_to_folder(hf, tmp_path_factory.mktemp("small"), llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def small(small_folder):
+  """The tiny llava-hf model and an engine on it, through from-hf and the model folder."""
+  hf, path = small_folder
   return hf, generate.Engine(model_folder.load_model(path))
 
 
@@ -228,3 +235,40 @@ def test_template_stop_strings(with_tokenizer, model_dir):
   assert plain.params(stop_strings=("END",)).stop_strings == ("END", "\n")
   ids = plain.question("ignored by plain", [random_image(0)]).input_ids
   assert list(ids) == [1, IMAGE_TOKEN_INDEX]  # LLaVA's stage-1 prompt: BOS and the image
+
+
+def test_fused_projections_same_tokens_and_hidden_states(small_folder, small):
+  """The engine's fused q/k/v and gate/up matmuls compute what the separate ones do (GQA model, fp32)."""
+  _, path = small_folder
+  _, engine = small
+  fused = nnx.merge(engine.graphdef, engine.state)
+  layer = fused.language_model.layers[0]
+  assert hasattr(layer.self_attn, "qkv_proj") and not hasattr(layer.self_attn, "q_proj")
+  assert hasattr(layer.mlp, "gate_up_proj") and not hasattr(layer.mlp, "gate_proj")
+  separate = generate.unstack_layers(model_folder.load_model(path), fuse=False)
+  assert hasattr(separate.language_model.layers[0].self_attn, "q_proj")
+  lm_fused, lm_separate = fused.language_model, separate.language_model
+  x = jax.random.normal(jax.random.key(0), (2, 5, lm_fused.cfg.hidden_size))
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  kv_mask = jnp.ones((2, 8), bool)
+  shape = (2, 8, lm_fused.cfg.num_key_value_heads, lm_fused.cfg.head_size)
+  caches = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in lm_fused.layers)
+  (h_fused, kv_fused), (h_sep, kv_sep) = (generate.run_layers(lm, x, positions, kv_mask, caches, 0)
+                                          for lm in (lm_fused, lm_separate))
+  np.testing.assert_allclose(h_fused, h_sep, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), kv_fused, kv_sep)
+  requests = mixed_requests()
+  params = generate.SamplingParams(max_new_tokens=8)
+  assert (generate.Engine(separate, fuse_projections=False).generate_ids(requests, params)
+          == engine.generate_ids(requests, params))
+
+
+def test_projections_sharded_on_their_output_axis_are_not_fused(small_folder):
+  _, path = small_folder
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])
+  layer = generate.unstack_layers(model_folder.load_model(path, mesh=mesh)).language_model.layers[0]
+  assert hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "qkv_proj")
+  assert hasattr(layer.mlp, "gate_proj") and not hasattr(layer.mlp, "gate_up_proj")
+  replicated = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+  layer = generate.unstack_layers(model_folder.load_model(path, mesh=replicated)).language_model.layers[0]
+  assert hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")

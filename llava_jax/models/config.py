@@ -171,3 +171,6 @@ class RuntimeConfig:
   attention_impl: str | None = None  # 'xla' | 'cudnn' | None (cudnn on GPU, else xla)
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims | save_attn_out
   scan_layers: bool = True
+  # Recompute RMSNorm and the SwiGLU product in the backward pass (saving only their bf16 inputs) instead of
+  # keeping their float32 and intermediate values for it: less activation memory and traffic, same math.
+  recompute_elementwise: bool = True

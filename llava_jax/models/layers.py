@@ -83,18 +83,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --- Norms -------------------------------------------------------------------------------------------------------
 
 
-class RMSNorm(nnx.Module):
-  """LLaMA RMSNorm: normalises in float32, scales in the input dtype (as transformers)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """LLaMA RMSNorm of x [..., D]: normalised in float32, scaled in x's dtype (as transformers)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * normed.astype(x.dtype)
 
-  def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
-    self.eps = eps
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm. With `recompute`, the backward pass recomputes the float32 values from the input instead of
+  saving them (the residual is x itself, in its dtype)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32, recompute: bool = False):
+    self.eps, self.recompute = eps, recompute
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., D] -> [..., D]."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight.value.astype(x.dtype) * normed.astype(x.dtype)
+    fn = lambda x, w: rms_norm(x, w, self.eps)
+    if self.recompute:
+      fn = jax.checkpoint(fn, prevent_cse=False)
+    return fn(x, self.weight.value)
 
 
 def layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:

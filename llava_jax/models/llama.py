@@ -32,6 +32,27 @@ class KVCache(NamedTuple):
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
+def fuse_linears(linears: list[nnx.Linear]) -> nnx.Linear:
+  """One nnx.Linear whose kernel (and bias) is the concatenation of `linears`' along the output axis: x @ fused
+  equals the concatenated outputs of the parts (they share the input, dtype and bias use)."""
+  first = linears[0]
+  d_in = first.kernel.value.shape[0]
+  d_out = sum(lin.kernel.value.shape[-1] for lin in linears)
+  fused = nnx.eval_shape(lambda: nnx.Linear(d_in, d_out, use_bias=first.use_bias, dtype=first.dtype,
+                                            param_dtype=first.kernel.value.dtype, rngs=nnx.Rngs(0)))
+  fused.kernel.value = jnp.concatenate([lin.kernel.value for lin in linears], axis=-1)
+  if first.use_bias:
+    fused.bias.value = jnp.concatenate([lin.bias.value for lin in linears], axis=-1)
+  return fused
+
+
+def output_axis_whole(linear: nnx.Linear) -> bool:
+  """True when every device holds all of the kernel's output columns (fusing then needs no resharding)."""
+  kernel = linear.kernel.value
+  sharding = getattr(kernel, "sharding", None)
+  return sharding is None or sharding.shard_shape(kernel.shape)[-1] == kernel.shape[-1]
+
+
 class LlamaAttention(nnx.Module):
   """Self-attention with RoPE on q/k; `num_key_value_heads < num_attention_heads` gives grouped-query."""
 
@@ -46,15 +67,27 @@ class LlamaAttention(nnx.Module):
     self.v_proj = linear(d, self.n_kv * self.head_dim)
     self.o_proj = linear(self.n_heads * self.head_dim, d)
 
+  def fuse_projections(self) -> None:
+    """Replaces q/k/v_proj by one `qkv_proj` (generation: one matmul instead of three per token)."""
+    self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+    del self.q_proj, self.k_proj, self.v_proj
+
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if not hasattr(self, "qkv_proj"):
+      return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+    return tuple(jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1))
+
   def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
     """x [B, T, D]; cos/sin [B, T, H]; mask bool[B, 1, T, S] or None (causal); cache_kv ([B, S, K, H] x 2) or None.
 
     Returns ([B, T, D], updated cache_kv or None).
     """
     b, t, _ = x.shape
-    q = layers.apply_rope(self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim), cos, sin)
-    k = layers.apply_rope(self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim), cos, sin)
-    v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim)
+    q, k, v = self._qkv(x)
+    q = layers.apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), cos, sin)
+    k = layers.apply_rope(k.reshape(b, t, self.n_kv, self.head_dim), cos, sin)
+    v = v.reshape(b, t, self.n_kv, self.head_dim)
     if cache_kv is not None:
       ck, cv = cache_kv
       k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
@@ -75,18 +108,32 @@ class LlamaMLP(nnx.Module):
     self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
     self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
     self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+    self.recompute = runtime.recompute_elementwise
+
+  def fuse_projections(self) -> None:
+    """Replaces gate/up_proj by one `gate_up_proj` (generation: one matmul instead of two per token)."""
+    self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+    del self.gate_proj, self.up_proj
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> [B, T, D]."""
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    glu = lambda gate, up: jax.nn.silu(gate) * up
+    if self.recompute:  # save gate and up [B, T, F] only, not silu's intermediates
+      glu = jax.checkpoint(glu, prevent_cse=False)
+    if hasattr(self, "gate_up_proj"):
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(glu(gate, up))
 
 
 class LlamaDecoderLayer(nnx.Module):
 
   def __init__(self, cfg: TextConfig, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
-    pdt = layers.dtype_of(runtime.param_dtype)
-    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
-    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+    pdt, lean = layers.dtype_of(runtime.param_dtype), runtime.recompute_elementwise
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, recompute=lean)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt,
+                                                   recompute=lean)
     self.self_attn = LlamaAttention(cfg, runtime, rngs=rngs)
     self.mlp = LlamaMLP(cfg, runtime, rngs=rngs)
 
@@ -106,7 +153,8 @@ class LlamaModel(nnx.Module):
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs)
     self.layers = layers.make_stack(lambda r: LlamaDecoderLayer(cfg, runtime, rngs=r), cfg.num_hidden_layers,
                                     rngs)
-    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt,
+                               recompute=runtime.recompute_elementwise)
     if not cfg.tie_word_embeddings:
       self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
                                 rngs=rngs)

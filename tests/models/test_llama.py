@@ -122,3 +122,31 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(case):
   incremental = np.concatenate(outs, axis=1)
   np.testing.assert_allclose(incremental[0], full[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(incremental[1, 4:], full[1, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_recompute_elementwise_same_gradients_fewer_saved_values():
+  """RMSNorm and the SwiGLU product recomputed in the backward pass: the same loss and gradients, and no
+  float32 [B, T, D] value saved for the backward pass (bf16 model)."""
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top  (saved_residuals is not public)
+  cfg = TextConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+
+  def loss_and_saved(lean, dtype):
+    runtime = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_impl="xla", recompute_elementwise=lean)
+    graphdef, params = nnx.split(LlamaModel(cfg, runtime, rngs=nnx.Rngs(0)))
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids).astype(jnp.float32) ** 2)
+    saved = ad_checkpoint.saved_residuals(loss, params)
+    return jax.value_and_grad(loss)(params), [aval for aval, _ in saved]
+
+  (loss_a, grads_a), _ = loss_and_saved(False, "float32")
+  (loss_b, grads_b), _ = loss_and_saved(True, "float32")
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), grads_a, grads_b)
+
+  big_f32 = lambda avals: [a for a in avals if a.dtype == jnp.float32 and a.shape[-1] in (32, 48) and a.ndim == 3]
+  _, saved_plain = loss_and_saved(False, "bfloat16")
+  _, saved_lean = loss_and_saved(True, "bfloat16")
+  assert big_f32(saved_plain), "the plain RMSNorm should save its float32 input"
+  assert not big_f32(saved_lean), [a.str_short() for a in big_f32(saved_lean)]
+  assert sum(a.size * a.dtype.itemsize for a in saved_lean) < sum(a.size * a.dtype.itemsize for a in saved_plain)
