@@ -52,6 +52,10 @@ _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run transformers.")
 _SKIP_JAX = flags.DEFINE_bool("skip_jax", False, "Do not run llava_jax.")
 _UNFUSED = flags.DEFINE_bool("unfused_row", True, "Also time llava_jax at batch 1 without fused q/k/v and gate/up "
                               "projections (Engine(fuse_projections=False)).")
+_VARIANT_FLAGS = flags.DEFINE_string("jax_variant_xla_flags", "", "If set, llava_jax runs again (first batch size "
+                                     "only) in a process with these flags added to XLA_FLAGS: one more row.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace 16 decode steps of llava_jax at the first batch size "
+                                   "into DIR (jax.profiler) and print its busiest device ops.")
 _PART = flags.DEFINE_enum("part", "", ["", "hf", "jax"], "Internal: run one side and write --result_file.")
 _RESULT_FILE = flags.DEFINE_string("result_file", None, "Internal: where a part writes its JSON results.")
 
@@ -178,7 +182,8 @@ def run_hf(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repea
 # --- llava_jax ------------------------------------------------------------------------------------------------
 
 
-def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats, unfused_row=False):
+def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats, unfused_row=False,
+            profile_dir=None):
   t0 = time.perf_counter()
   runtime = RuntimeConfig(param_dtype=dtype_name, dtype=dtype_name)
   model = nnx.jit(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0)))()
@@ -222,7 +227,23 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
                         compile_s=(first[1] + first[2]) - (first9 + decode),
                         peak_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
     print(f"  jax batch {key}: {results[key]}", flush=True)
+    if profile_dir and batch == min(batches) and not kind:
+      results["profile"] = _profile_decode(engine, requests, params, profile_dir, steps=16)
   return results
+
+
+def _profile_decode(engine, requests, params, trace_dir: str, steps: int) -> str:
+  """Traces `steps` decode steps (after the prefill and 9 tokens) -> the busiest device ops as a table."""
+  import trace_summary  # pylint: disable=g-import-not-at-top  (next to this script)
+  try:
+    ds, _ = engine.start(requests, params)
+    ds = jax.block_until_ready(engine.advance(ds, params, 9))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      ds = jax.block_until_ready(engine.advance(ds, params, 9 + steps))
+    rows = trace_summary.summarize(trace_dir, top=25, steps=steps)
+    return trace_summary.render(rows, f"### llava_jax decode, batch {len(requests)}: busiest device ops per token")
+  except Exception as e:  # pylint: disable=broad-except  (the timings stand without it)
+    return f"profile failed: {type(e).__name__}: {e}"[:300]
 
 
 def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
@@ -239,7 +260,9 @@ def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
             "dtype": dtype}
   dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   backend = jax.default_backend()
-  out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value, _UNFUSED.value)}
+  out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value, _UNFUSED.value,
+                           _PROFILE_DIR.value)}
+  out["profile"] = out["batches"].pop("profile", None)
   out["bandwidth"] = copy_bandwidth(jnp.float32, (256 << 20) if backend == "cpu" else (4 << 30))
   out["device"] = jax.devices()[0].device_kind
   out["dtype"] = dtype
@@ -265,21 +288,28 @@ def main(argv):
   # Each side in its own process: PyTorch and JAX each load their own CUDA libraries (cuDNN versions may
   # differ) and allocators, and a side's failure does not lose the other's numbers.
   results = {}
-  for part, skip in (("hf", _SKIP_HF.value), ("jax", _SKIP_JAX.value)):
+  parts = [("hf", "hf", _SKIP_HF.value), ("jax", "jax", _SKIP_JAX.value)]
+  parts += [("jax", "jax_variant", _SKIP_JAX.value or not _VARIANT_FLAGS.value)]
+  for part, name, skip in parts:
     if skip:
       continue
+    variant = name == "jax_variant"
+    env = dict(os.environ)
+    if variant:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _VARIANT_FLAGS.value).strip()
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "result.json")
       argv = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--result_file={path}",
-              f"--small={small}", f"--batch_sizes={','.join(map(str, batches))}", f"--new_tokens={new_tokens}",
-              f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}", f"--dtype={_DTYPE.value}",
-              f"--unfused_row={_UNFUSED.value}"]
+              f"--small={small}", f"--batch_sizes={batches[0] if variant else ','.join(map(str, batches))}",
+              f"--new_tokens={new_tokens}", f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}",
+              f"--dtype={_DTYPE.value}", f"--unfused_row={_UNFUSED.value and not variant}",
+              *([f"--profile_dir={_PROFILE_DIR.value}"] if _PROFILE_DIR.value and not variant else [])]
       t0 = time.perf_counter()
-      rc = subprocess.run(argv, check=False).returncode
-      print(f"[{part}: exit {rc}, {time.perf_counter() - t0:.0f} s wall]", flush=True)
+      rc = subprocess.run(argv, check=False, env=env).returncode
+      print(f"[{name}: exit {rc}, {time.perf_counter() - t0:.0f} s wall]", flush=True)
       if rc == 0:
         with open(path) as f:
-          results[part] = json.load(f)
+          results[name] = json.load(f)
   if not results:
     raise SystemExit("no side produced results")
   hf = {int(k): v for k, v in results.get("hf", {}).get("batches", {}).items()}
@@ -298,9 +328,10 @@ def main(argv):
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   fmt = lambda v, spec, unit="": "" if v is None else format(v, spec) + unit
+  variant = dict(results.get("jax_variant", {}).get("batches", {}).items())
   for batch in batches:
     for name, res, key in (("transformers", hf, batch), ("llava_jax", ours, str(batch)),
-                           ("llava_jax unfused", ours, f"{batch}unfused")):
+                           ("llava_jax unfused", ours, f"{batch}unfused"), ("llava_jax variant", variant, str(batch))):
       if key not in res:
         continue
       r = res[key]
@@ -309,6 +340,10 @@ def main(argv):
       print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_tok_s'] / batch:.1f} | {fmt(share and 100 * share, '.0f', '%')} | {fmt(vs, '.2f', 'x')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")
+  if variant:
+    print(f"llava_jax variant: the llava_jax engine in a process with XLA_FLAGS += {_VARIANT_FLAGS.value}")
+  if results.get("jax", {}).get("profile"):
+    print("\n" + results["jax"]["profile"])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 # its busiest device ops under the table (costs some seconds per case);
 # VARIANTS="NAME:key=value,... NAME2:..." adds llava_jax rows with other settings to every case (train_step.py
 # --variant; they run after the case's two main rows, so a deadline drops them first);
+# DECODE_ARGS="..." are passed to decode.py (e.g. --profile_dir=... --jax_variant_xla_flags=...);
 # CASES=... overrides the case list (by default stage2-7b is left out on cards under 100 GB: both sides need
 # about 90 GB there; the peer's measured peak is 87.7 GB).
 set -u
@@ -51,7 +52,7 @@ if [ -f benchmarks/decode.py ]; then
   left=$((TOTAL_S - (SECONDS - start)))
   if [ "$left" -ge "$MIN_DECODE_S" ]; then
     echo "=== decode (limit ${left} s) ==="
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$left" python benchmarks/decode.py > "$OUT/decode.txt" 2> "$OUT/decode.log"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$left" python benchmarks/decode.py ${DECODE_ARGS:-} > "$OUT/decode.txt" 2> "$OUT/decode.log"
     echo "decode exit $? after $((SECONDS - start)) s"
     cat "$OUT/decode.txt"
     tail -n 20 "$OUT/decode.log"
