@@ -328,10 +328,10 @@ def main(argv):
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   fmt = lambda v, spec, unit="": "" if v is None else format(v, spec) + unit
-  variant = dict(results.get("jax_variant", {}).get("batches", {}).items())
+  variant_rows = dict(results.get("jax_variant", {}).get("batches", {}).items())
   for batch in batches:
     for name, res, key in (("transformers", hf, batch), ("llava_jax", ours, str(batch)),
-                           ("llava_jax unfused", ours, f"{batch}unfused"), ("llava_jax variant", variant, str(batch))):
+                           ("llava_jax unfused", ours, f"{batch}unfused"), ("llava_jax variant", variant_rows, str(batch))):
       if key not in res:
         continue
       r = res[key]
@@ -340,7 +340,7 @@ def main(argv):
       print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_tok_s'] / batch:.1f} | {fmt(share and 100 * share, '.0f', '%')} | {fmt(vs, '.2f', 'x')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")
-  if variant:
+  if variant_rows:
     print(f"llava_jax variant: the llava_jax engine in a process with XLA_FLAGS += {_VARIANT_FLAGS.value}")
   if results.get("jax", {}).get("profile"):
     print("\n" + results["jax"]["profile"])

@@ -72,9 +72,11 @@ _ATTENTION = flags.DEFINE_string("attention_impl", "", "llava_jax attention: '' 
 _PROFILE = flags.DEFINE_string("profile_dir", None, "llava_jax: trace --profile_steps more steps of each case "
                                 "into DIR/CASE (jax.profiler, perfetto) and print its busiest device ops.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
+_as_bool = lambda v: v.lower() in ("1", "true", "yes")
+VARIANT_KEYS = {"loss_chunk": int, "scan_layers": _as_bool, "recompute_elementwise": _as_bool, "remat_policy": str,
+                "xla_flags": lambda v: v.replace(";", " ")}
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "Extra llava_jax rows per case: NAME:key=value,... "
-                                       "(keys: " + ", ".join(["loss_chunk", "scan_layers", "recompute_elementwise",
-                                                              "remat_policy", "xla_flags"]) + ").")
+                                       f"(keys: {', '.join(VARIANT_KEYS)}).")
 _OUT = flags.DEFINE_string("out", None, "Also write the table as markdown here, and JSON next to it (.json).")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Limit of one case subprocess.")
 _DEADLINE = flags.DEFINE_integer("deadline_s", None, "Whole-run limit: cases that would start later are skipped.")
@@ -83,10 +85,6 @@ _MIN_CASE = flags.DEFINE_integer("min_case_s", 60, "With --deadline_s: a case ne
 _WORKER = flags.DEFINE_enum("worker", None, ["ours", "peer"], "Internal: run one case here.")
 _RESULT = flags.DEFINE_string("result_file", None, "Internal: where the worker writes its JSON result.")
 _OVERRIDES = flags.DEFINE_string("overrides", "{}", "Internal: JSON settings of a --variant row.")
-
-VARIANT_KEYS = {"loss_chunk": int, "scan_layers": lambda v: v.lower() in ("1", "true", "yes"),
-                "recompute_elementwise": lambda v: v.lower() in ("1", "true", "yes"), "remat_policy": str,
-                "xla_flags": lambda v: v.replace(";", " ")}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -100,9 +100,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., D] -> [..., D]."""
-    fn = lambda x, w: rms_norm(x, w, self.eps)
-    if self.recompute:
-      fn = jax.checkpoint(fn, prevent_cse=False)
+    fn = remat(lambda x, w: rms_norm(x, w, self.eps), "full" if self.recompute else "none")
     return fn(x, self.weight.value)
 
 

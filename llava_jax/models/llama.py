@@ -117,9 +117,8 @@ class LlamaMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> [B, T, D]."""
-    glu = lambda gate, up: jax.nn.silu(gate) * up
-    if self.recompute:  # save gate and up [B, T, F] only, not silu's intermediates
-      glu = jax.checkpoint(glu, prevent_cse=False)
+    # With recompute, the backward pass keeps gate and up [B, T, F] only, not silu's intermediates.
+    glu = layers.remat(lambda gate, up: jax.nn.silu(gate) * up, "full" if self.recompute else "none")
     if hasattr(self, "gate_up_proj"):
       gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
     else:
