@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
   stdin = stdin or sys.stdin
   stdout = stdout or sys.stdout
   generator = generate.Generator.from_folder(args.model, generate.runtime_from_flag(args.dtype),
-                                             template=args.template)
+                                             template=args.template, decode_attention=args.decode_attention)
   params = generate.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, seed=args.seed)
   session = ChatSession(generator, args.image, params)

@@ -6,14 +6,16 @@ builder as training: `llava_jax.data.tokenize.encode_prompt`).
 
 How a batch runs:
 - the engine runs the LLM layers unstacked (`unstack_layers`), each with its own weights and its own (k, v)
-  cache arrays, so a decode step reads the weights in place and writes one cache slot per layer;
+  cache arrays (head-major, [B, K, S, H]), so a decode step reads the weights in place and writes one cache
+  slot per layer;
 - prefill: the prompts (right-padded ids with placeholders) are spliced LEFT-padded to L positions, so every
   row's last prompt token sits at slot L - 1; the decoder fills slots [0, L) of a cache of S = L + N slots and the
   first new token is sampled from the last position.
 - decode: a `jax.lax.while_loop` feeds one token per step at slot L + i, RoPE position (prompt length + i), and
-  samples the next. It stops after a given number of steps or when every row has produced the EOS token. The
-  host calls it once (no stop strings), once per token (streaming), or in chunks, checking stop strings on the
-  decoded text between chunks.
+  samples the next; its attention is XLA's (masked) or, with `decode_attention='pallas'`, JAX's flash-decoding
+  kernel over each row's slots [first real prompt slot, L + i]. It stops after a given number of steps or when
+  every row has produced the EOS token. The host calls it once (no stop strings), once per token (streaming),
+  or in chunks, checking stop strings on the decoded text between chunks.
 - static shapes: the batch size, the number of images, the prompt lengths (before and after image expansion) and
   the number of new tokens N are rounded up to buckets, so one program is compiled per bucket.
 
@@ -39,6 +41,7 @@ from llava_jax import sharding
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
 from llava_jax.data import tokenize
+from llava_jax.models import cache_attention
 from llava_jax.models import llama
 from llava_jax.models.config import IMAGE_TOKEN_INDEX, RuntimeConfig
 from llava_jax.models.llava import LlavaModel
@@ -117,7 +120,7 @@ def batch_bucket(n: int) -> int:
   return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-# Per-layer keys and values, dtype[B, S, K, H] each: one (k, v) pair per decoder layer.
+# Per-layer keys and values, dtype[B, K, S, H] each (head-major): one (k, v) pair per decoder layer.
 LayerCaches = tuple[tuple[jax.Array, jax.Array], ...]
 
 
@@ -166,7 +169,8 @@ def unstack_layers(model: LlavaModel, fuse: bool = True) -> LlavaModel:
 
 
 def run_layers(lm, x: jax.Array, positions: jax.Array, kv_mask: jax.Array, caches: LayerCaches,
-               index: jax.Array | int) -> tuple[jax.Array, LayerCaches]:
+               index: jax.Array | int, decode_attention: str = "xla", k_splits: int | None = None
+               ) -> tuple[jax.Array, LayerCaches]:
   """The decoder of an `unstack_layers` model over T new tokens with a KV cache of S slots, as
   `LlamaModel.decode(x, positions, kv_mask=..., cache=..., cache_index=index)` computes it.
 
@@ -175,15 +179,23 @@ def run_layers(lm, x: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache
     x: [B, T, D] embeddings; positions: int32[B, T] RoPE positions.
     kv_mask: bool[B, S] slots holding real tokens; the new tokens go to slots [index, index + T) and attend to
       the slots <= their own.
-    caches: one (k, v) pair of [B, S, K, H] per layer.
+    caches: one (k, v) pair of [B, K, S, H] per layer.
+    decode_attention: 'xla' (masked), or 'pallas' for the flash-decoding kernel when T = 1; that needs each
+      row's real slots to be one run, False before it and True from it on (left padding, as the engine's).
+    k_splits: at most this many parts of the cache per (row, kv head) in the kernel (None: the default).
   Returns:
     ([B, T, D] normed hidden states, the updated caches).
   """
   cos, sin = llama.rope_tables(lm.cfg, positions)
+  if decode_attention not in ("xla", "pallas"):
+    raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
   mask = llama.slot_mask(x.shape[1], kv_mask.shape[1], index, kv_mask)  # [B, 1, T, S]
+  window = None
+  if decode_attention == "pallas" and x.shape[1] == 1:
+    window = cache_attention.window_of(kv_mask, index, k_splits)
   new_caches = []
   for layer, kv in zip(lm.layers, caches):
-    x, kv = layer(sharding.constrain_batch(x), cos, sin, mask, kv, index)
+    x, kv = layer(sharding.constrain_batch(x), cos, sin, mask, kv, index, window)
     new_caches.append(kv)
   return lm.norm(x), tuple(new_caches)
 
@@ -220,7 +232,7 @@ def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, 
   spliced = model.embed_inputs(input_ids, attention_mask, images, out_len=prompt_len, pad_left=True)
   b = input_ids.shape[0]
   kv_mask = jnp.concatenate([spliced.mask, jnp.ones((b, cache_len - prompt_len), bool)], axis=1)
-  shape = (b, cache_len, lm.cfg.num_key_value_heads, lm.cfg.head_size)
+  shape = (b, lm.cfg.num_key_value_heads, cache_len, lm.cfg.head_size)
   caches = tuple((jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype)) for _ in lm.layers)
   hidden, caches = run_layers(lm, spliced.embeds, spliced.positions, kv_mask, caches, 0)
   logits = lm.logits(hidden[:, -1:])[:, 0]
@@ -232,9 +244,10 @@ def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, 
                      done=token == eos_id, rng=rng)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "ignore_eos"), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "ignore_eos", "decode_attention", "k_splits"),
+                   donate_argnums=(1,))
 def _decode(state, ds: DecodeState, stop_step, temperature, top_p, eos_id, pad_id, *, graphdef, greedy,
-            ignore_eos) -> DecodeState:
+            ignore_eos, decode_attention, k_splits) -> DecodeState:
   """Decodes until `ds.step == stop_step` (<= N) or every row is done."""
   lm = nnx.merge(graphdef, state).language_model
 
@@ -244,7 +257,7 @@ def _decode(state, ds: DecodeState, stop_step, temperature, top_p, eos_id, pad_i
 
   def body(ds):
     hidden, cache = run_layers(lm, lm.embed(ds.token[:, None]), ds.position[:, None], ds.kv_mask, ds.cache,
-                               ds.slot)
+                               ds.slot, decode_attention, k_splits)
     logits = lm.logits(hidden)[:, 0]
     token = sample_logits(logits, jax.random.fold_in(ds.rng, ds.step), temperature, top_p, greedy=greedy)
     token = jnp.where(ds.done, pad_id, token)
@@ -265,18 +278,39 @@ class Engine:
     pad_token_id: written into rows after they end and into prompt padding (default: the text config's).
     cache_dtype: KV cache dtype (default: the compute dtype).
     fuse_projections: run each layer's q/k/v and gate/up projections as one matmul each (`unstack_layers`).
+    decode_attention: 'xla' (masked attention over the whole cache) or 'pallas' (JAX's flash-decoding kernel,
+      reading each row's filled slots only; Triton on GPU, interpreted elsewhere; one device only).
+    k_splits: at most this many parts of the cache per (row, kv head) in the kernel, a power of two (None:
+      `cache_attention.default_splits`).
 
   The engine runs a copy of the model with unstacked LLM layers (`unstack_layers`): the layers' parameters take
   memory twice while the caller keeps `model` (the CLIs do not).
   """
 
   def __init__(self, model: LlavaModel, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
-               cache_dtype: Any = None, fuse_projections: bool = True):
+               cache_dtype: Any = None, fuse_projections: bool = True, decode_attention: str = "xla",
+               k_splits: int | None = None):
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(unstack_layers(model, fuse=fuse_projections))
+    self.decode_attention, self.k_splits = "xla", None
+    self.set_decode_attention(decode_attention, k_splits)
     self.eos_token_id = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     self.pad_token_id = self.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
     self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
+
+  def set_decode_attention(self, decode_attention: str, k_splits: int | None = None) -> None:
+    """Chooses the decode steps' attention for the following calls (the weights stay as they are)."""
+    if decode_attention not in ("xla", "pallas"):
+      raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+    if decode_attention == "pallas":
+      devices = {d for leaf in jax.tree.leaves(self.state)
+                 for d in getattr(getattr(leaf, "sharding", None), "device_set", ())}
+      if len(devices) > 1:
+        raise ValueError(f"decode_attention='pallas' runs on one device; the model is on {len(devices)} "
+                         "(use 'xla', which XLA partitions)")
+    if k_splits is not None and (k_splits < 1 or k_splits & (k_splits - 1)):
+      raise ValueError(f"k_splits must be a power of two, got {k_splits}")
+    self.decode_attention, self.k_splits = decode_attention, k_splits
 
   # --- host side ----------------------------------------------------------------------------------------------
 
@@ -347,7 +381,7 @@ class Engine:
     return _decode(self.state, ds, jnp.int32(min(stop_step, params.max_new_tokens)),
                    jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.int32(self.eos_token_id),
                    jnp.int32(self.pad_token_id), graphdef=self.graphdef, greedy=params.greedy,
-                   ignore_eos=params.ignore_eos)
+                   ignore_eos=params.ignore_eos, decode_attention=self.decode_attention, k_splits=self.k_splits)
 
   def generate_ids(self, requests: Sequence[Request], params: SamplingParams = SamplingParams()
                    ) -> list[list[int]]:
@@ -520,11 +554,13 @@ def runtime_from_flag(dtype: str) -> Any:
 
 
 def add_model_flags(parser) -> None:
-  """--model, --dtype, --template (shared by generate, chat and eval.answer)."""
+  """--model, --dtype, --template, --decode-attention (shared by generate, chat and eval.answer)."""
   parser.add_argument("--model", required=True, help="model folder (see llava_jax.model_folder)")
   parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                       help="parameter and compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
   parser.add_argument("--template", default=None, help="conversation template (default: the model config's)")
+  parser.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
+                      help="decode steps' attention: XLA's, or JAX's Pallas flash-decoding kernel (one GPU)")
 
 
 def add_sampling_flags(parser, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> None:
@@ -544,7 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   add_sampling_flags(parser)
   args = parser.parse_args(argv)
   logging.use_absl_handler()
-  generator = Generator.from_folder(args.model, runtime_from_flag(args.dtype), template=args.template)
+  generator = Generator.from_folder(args.model, runtime_from_flag(args.dtype), template=args.template,
+                                    decode_attention=args.decode_attention)
   request = generator.question(args.prompt, args.image)
   params = generator.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)

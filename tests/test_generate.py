@@ -215,12 +215,14 @@ def test_hold_back_keeps_possible_stop_prefixes():
   assert generate._hold_back("caf\ufffd", ()) == "caf"
 
 
-def test_cli_prints_only_the_answer(with_tokenizer, model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("decode_attention", ["xla", "pallas"])
+def test_cli_prints_only_the_answer(with_tokenizer, model_dir, tmp_path, capsys, decode_attention):
   _, gen = with_tokenizer
   _, path = model_dir
   image = tmp_path / "image.png"
   random_image(3).save(image)
-  argv = ["--model", str(path), "--image", str(image), "--prompt", "What is in the image?", "--max-new-tokens", "16"]
+  argv = ["--model", str(path), "--image", str(image), "--prompt", "What is in the image?", "--max-new-tokens", "16",
+          "--decode-attention", decode_attention]
   assert generate.main(argv) == 0
   expected = gen.generate([gen.question("What is in the image?", [str(image)])], gen.params(max_new_tokens=16))[0]
   assert expected.text.strip()
@@ -251,7 +253,7 @@ def test_fused_projections_same_tokens_and_hidden_states(small_folder, small):
   x = jax.random.normal(jax.random.key(0), (2, 5, lm_fused.cfg.hidden_size))
   positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
   kv_mask = jnp.ones((2, 8), bool)
-  shape = (2, 8, lm_fused.cfg.num_key_value_heads, lm_fused.cfg.head_size)
+  shape = (2, lm_fused.cfg.num_key_value_heads, 8, lm_fused.cfg.head_size)
   caches = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in lm_fused.layers)
   (h_fused, kv_fused), (h_sep, kv_sep) = (generate.run_layers(lm, x, positions, kv_mask, caches, 0)
                                           for lm in (lm_fused, lm_separate))
@@ -261,6 +263,28 @@ def test_fused_projections_same_tokens_and_hidden_states(small_folder, small):
   params = generate.SamplingParams(max_new_tokens=8)
   assert (generate.Engine(separate, fuse_projections=False).generate_ids(requests, params)
           == engine.generate_ids(requests, params))
+
+
+@pytest.mark.parametrize("k_splits", [None, 2])
+def test_flash_decoding_kernel_matches_transformers(small_folder, k_splits):
+  """decode_attention='pallas' (JAX's flash-decoding kernel, interpreted on CPU) over left-padded rows of
+  different lengths: the tokens of transformers' greedy generate."""
+  hf, path = small_folder
+  engine = generate.Engine(model_folder.load_model(path), decode_attention="pallas", k_splits=k_splits)
+  requests = mixed_requests()
+  assert engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=12)) == hf_greedy(hf, requests, 12)
+
+
+def test_decode_attention_settings_are_checked(small_folder, small):
+  _, engine = small
+  with pytest.raises(ValueError, match="'xla' or 'pallas'"):
+    engine.set_decode_attention("flash")
+  with pytest.raises(ValueError, match="power of two"):
+    engine.set_decode_attention("pallas", k_splits=3)
+  assert engine.decode_attention == "xla"
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+  with pytest.raises(ValueError, match="runs on one device; the model is on 2"):
+    generate.Engine(model_folder.load_model(small_folder[1], mesh=mesh), decode_attention="pallas")
 
 
 def test_projections_sharded_on_their_output_axis_are_not_fused(small_folder):

@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.use_absl_handler()
   questions = read_questions(args.questions)
   generator = generate.Generator.from_folder(args.model, generate.runtime_from_flag(args.dtype),
-                                             template=args.template)
+                                             template=args.template, decode_attention=args.decode_attention)
   params = generator.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
   written = answer_questions(generator, questions, args.image_folder, args.answers, params,

@@ -5,7 +5,9 @@ Masking has three modes, chosen by the arguments of `LlamaModel.decode`:
   are after every real token so they are never attended to, and their outputs are ignored by the loss;
 - padded batches (left or right padding) without a cache: `kv_mask` bool[B, T] marks real tokens;
 - generation with a KV cache of S slots: `kv_mask` bool[B, S] marks slots holding real tokens, the new tokens are
-  written at slots [cache_index, cache_index + T) and attend to slots <= their own.
+  written at slots [cache_index, cache_index + T) and attend to slots <= their own. The cache is head-major,
+  [B, K, S, H] per layer (`cache_attention`). The generation engine's one-token steps can instead pass a
+  `cache_attention.SlotWindow` (a contiguous window of slots per row) to use the flash-decoding kernel.
 """
 from __future__ import annotations
 
@@ -17,18 +19,19 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax import sharding
+from llava_jax.models import cache_attention
 from llava_jax.models import layers
 from llava_jax.models.config import RuntimeConfig, TextConfig
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer: dtype[L, B, S, K, H] each."""
+  """Keys and values of every layer: dtype[L, B, K, S, H] each (head-major, see `cache_attention`)."""
   k: jax.Array
   v: jax.Array
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_size)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_size)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -78,8 +81,10 @@ class LlamaAttention(nnx.Module):
     q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
     return tuple(jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1))
 
-  def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
-    """x [B, T, D]; cos/sin [B, T, H]; mask bool[B, 1, T, S] or None (causal); cache_kv ([B, S, K, H] x 2) or None.
+  def __call__(self, x, cos, sin, mask, cache_kv, cache_index, window=None):
+    """x [B, T, D]; cos/sin [B, T, H]; mask bool[B, 1, T, S] or None (causal); cache_kv ([B, K, S, H] x 2) or None;
+    window: a `cache_attention.SlotWindow` (T = 1, with a cache) to attend with the flash-decoding kernel
+    instead of `mask`.
 
     Returns ([B, T, D], updated cache_kv or None).
     """
@@ -88,13 +93,14 @@ class LlamaAttention(nnx.Module):
     q = layers.apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), cos, sin)
     k = layers.apply_rope(k.reshape(b, t, self.n_kv, self.head_dim), cos, sin)
     v = v.reshape(b, t, self.n_kv, self.head_dim)
-    if cache_kv is not None:
-      ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-      cache_kv = (k, v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attention(q, k, v, implementation=self.implementation, causal=mask is None, mask=mask)
+    if cache_kv is None:
+      out = layers.attention(q, k, v, implementation=self.implementation, causal=mask is None, mask=mask)
+    else:
+      cache_kv = tuple(cache_attention.write(c, new, cache_index) for c, new in zip(cache_kv, (k, v)))
+      if window is not None:
+        out = cache_attention.attend_window(q, *cache_kv, window)
+      else:
+        out = cache_attention.attend(q, *cache_kv, mask)
     out = checkpoint_name(out, "attn_out")
     return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache_kv
 
@@ -136,8 +142,8 @@ class LlamaDecoderLayer(nnx.Module):
     self.self_attn = LlamaAttention(cfg, runtime, rngs=rngs)
     self.mlp = LlamaMLP(cfg, runtime, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
-    attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+  def __call__(self, x, cos, sin, mask, cache_kv, cache_index, window=None):
+    attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index, window)
     x = x + attn_out
     mlp_out = checkpoint_name(self.mlp(self.post_attention_layernorm(x)), "mlp_out")
     return x + mlp_out, cache_kv
@@ -178,7 +184,7 @@ class LlamaModel(nnx.Module):
     cos, sin = rope_tables(self.cfg, positions)
     mask = None
     if kv_mask is not None or cache is not None:
-      s = cache.k.shape[2] if cache is not None else x.shape[1]
+      s = cache.k.shape[3] if cache is not None else x.shape[1]
       mask = slot_mask(x.shape[1], s, cache_index, kv_mask)
 
     def body(layer, h, layer_cache):
