@@ -52,10 +52,14 @@ _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run transformers.")
 _SKIP_JAX = flags.DEFINE_bool("skip_jax", False, "Do not run llava_jax.")
 _UNFUSED = flags.DEFINE_bool("unfused_row", True, "Also time llava_jax at batch 1 without fused q/k/v and gate/up "
                               "projections (Engine(fuse_projections=False)).")
+_PALLAS_ROWS = flags.DEFINE_list("pallas_rows", ["auto", "4"], "Also time llava_jax with decode_attention='pallas' "
+                                  "(JAX's flash-decoding kernel) and these k_splits ('auto' = the default split, "
+                                  "at every batch size; a number: at the first batch size). Empty: none.")
 _VARIANT_FLAGS = flags.DEFINE_string("jax_variant_xla_flags", "", "If set, llava_jax runs again (first batch size "
                                      "only) in a process with these flags added to XLA_FLAGS: one more row.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace 16 decode steps of llava_jax at the first batch size "
-                                   "into DIR (jax.profiler) and print its busiest device ops.")
+                                   "into DIR (jax.profiler; also DIR/pallas for the first --pallas_rows row) and "
+                                   "print the busiest device ops.")
 _PART = flags.DEFINE_enum("part", "", ["", "hf", "jax"], "Internal: run one side and write --result_file.")
 _RESULT_FILE = flags.DEFINE_string("result_file", None, "Internal: where a part writes its JSON results.")
 
@@ -182,8 +186,19 @@ def run_hf(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repea
 # --- llava_jax ------------------------------------------------------------------------------------------------
 
 
+def _row_kinds(batches, unfused_row, pallas_rows):
+  """(batch, kind) runs: kind '' = the default engine, 'unfused', 'pallas' (default split) or 'pallas/K'."""
+  runs = [(b, "") for b in batches] + ([(min(batches), "unfused")] if unfused_row else [])
+  for spec in pallas_rows:
+    if spec == "auto":
+      runs += [(b, "pallas") for b in batches]
+    else:
+      runs.append((min(batches), f"pallas/{int(spec)}"))
+  return runs
+
+
 def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repeats, unfused_row=False,
-            profile_dir=None):
+            profile_dir=None, pallas_rows=()):
   t0 = time.perf_counter()
   runtime = RuntimeConfig(param_dtype=dtype_name, dtype=dtype_name)
   model = nnx.jit(lambda: LlavaModel(cfg, runtime, rngs=nnx.Rngs(0)))()
@@ -197,9 +212,15 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
   del model  # frees the stacked layer arrays
   params = generate.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
   results = {}
-  runs = [(b, "") for b in batches] + ([(min(batches), "unfused")] if unfused_row else [])
+  runs = _row_kinds(batches, unfused_row, pallas_rows)
+  profiled = set()
   for batch, kind in runs:
-    engine = engines[kind]
+    engine = engines["unfused" if kind == "unfused" else ""]
+    key = f"{batch}{kind}"
+    if kind.startswith("pallas"):  # the same engine and weights, another attention in its decode program
+      engine.set_decode_attention("pallas", int(kind.split("/")[1]) if "/" in kind else None)
+    else:
+      engine.set_decode_attention("xla")
     ids, images = prompts(cfg, batch, text_tokens)
     requests = [generate.Request(ids[i], images[i:i + 1]) for i in range(batch)]
 
@@ -218,21 +239,57 @@ def run_jax(cfg: ModelConfig, batches, new_tokens, text_tokens, dtype_name, repe
       assert int(ds.step) == new_tokens, int(ds.step)
       return t1 - t0, t2 - t0, t3 - t2
 
-    first = timed()  # compiles
-    prefill, first9, decode = best_of(timed, repeats)
+    try:
+      first = timed()  # compiles
+      prefill, first9, decode = best_of(timed, repeats)
+    except Exception as e:  # pylint: disable=broad-except  (a kernel that fails to build loses one row only)
+      if not kind.startswith("pallas"):
+        raise
+      results[key] = dict(error=f"{type(e).__name__}: {e}"[:300])
+      print(f"  jax batch {key}: {results[key]}", flush=True)
+      continue
     stats = jax.devices()[0].memory_stats() or {}
-    key = f"{batch}{kind}"
     results[key] = dict(prefill_s=prefill, first9_s=first9,
                         decode_tok_s=batch * (new_tokens - 9) / decode,
                         compile_s=(first[1] + first[2]) - (first9 + decode),
                         peak_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
     print(f"  jax batch {key}: {results[key]}", flush=True)
-    if profile_dir and batch == min(batches) and not kind:
-      results["profile"] = _profile_decode(engine, requests, params, profile_dir, steps=16)
+    family = kind.split("/")[0]
+    if profile_dir and batch == min(batches) and family in ("", "pallas") and family not in profiled:
+      profiled.add(family)
+      name = "profile_pallas" if family else "profile"
+      results[name] = _profile_decode(engine, requests, params, os.path.join(profile_dir, family or "xla"),
+                                      steps=16, title=f"llava_jax{' ' + kind if kind else ''}")
+  if pallas_rows:
+    cache_len = generate.bucket(cfg.image_seq_length + text_tokens) + generate.bucket(new_tokens)  # the engine's
+    results["kernel_check"] = _kernel_check(cfg, dtype_name, cache_len)
   return results
 
 
-def _profile_decode(engine, requests, params, trace_dir: str, steps: int) -> str:
+def _kernel_check(cfg: ModelConfig, dtype_name: str, slots: int) -> str:
+  """The flash-decoding kernel against the XLA attention on one layer's random q and cache (7B: 32 heads,
+  `slots` slots, the window [24, slots - 40)), in the benchmark's dtype: the largest difference."""
+  from llava_jax.models import cache_attention  # pylint: disable=g-import-not-at-top
+  t = cfg.text
+  dtype = jnp.dtype(dtype_name)
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (1, 1, t.num_attention_heads, t.head_size), dtype)
+  k, v = (jax.random.normal(key, (1, t.num_key_value_heads, slots, t.head_size), dtype) for key in (kk, kv))
+  start, stop = jnp.asarray([24], jnp.int32), jnp.int32(slots - 40)
+  try:
+    got = jax.jit(lambda q, k, v: cache_attention.attend_window(q, k, v, cache_attention.SlotWindow(start, stop))
+                  )(q, k, v)
+    mask = ((jnp.arange(slots) >= 24) & (jnp.arange(slots) < slots - 40))[None, None, None, :]
+    want = jax.jit(cache_attention.attend)(q, k, v, mask)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    return (f"pallas kernel vs XLA attention ({dtype_name}, {t.num_attention_heads} heads, {slots} slots): "
+            f"max |difference| {err:.2e}, max |output| {scale:.2e}")
+  except Exception as e:  # pylint: disable=broad-except
+    return f"pallas kernel check failed: {type(e).__name__}: {e}"[:300]
+
+
+def _profile_decode(engine, requests, params, trace_dir: str, steps: int, title: str) -> str:
   """Traces `steps` decode steps (after the prefill and 9 tokens) -> the busiest device ops as a table."""
   import trace_summary  # pylint: disable=g-import-not-at-top  (next to this script)
   try:
@@ -241,7 +298,7 @@ def _profile_decode(engine, requests, params, trace_dir: str, steps: int) -> str
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       ds = jax.block_until_ready(engine.advance(ds, params, 9 + steps))
     rows = trace_summary.summarize(trace_dir, top=25, steps=steps)
-    return trace_summary.render(rows, f"### llava_jax decode, batch {len(requests)}: busiest device ops per token")
+    return trace_summary.render(rows, f"### {title} decode, batch {len(requests)}: busiest device ops per token")
   except Exception as e:  # pylint: disable=broad-except  (the timings stand without it)
     return f"profile failed: {type(e).__name__}: {e}"[:300]
 
@@ -261,8 +318,9 @@ def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
   dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   backend = jax.default_backend()
   out = {"batches": run_jax(cfg, batches, new_tokens, _TEXT_TOKENS.value, dtype, _REPEATS.value, _UNFUSED.value,
-                           _PROFILE_DIR.value)}
-  out["profile"] = out["batches"].pop("profile", None)
+                           _PROFILE_DIR.value, _PALLAS_ROWS.value)}
+  out["profiles"] = [out["batches"].pop(k) for k in ("profile", "profile_pallas") if k in out["batches"]]
+  out["kernel_check"] = out["batches"].pop("kernel_check", None)
   out["bandwidth"] = copy_bandwidth(jnp.float32, (256 << 20) if backend == "cpu" else (4 << 30))
   out["device"] = jax.devices()[0].device_kind
   out["dtype"] = dtype
@@ -303,6 +361,7 @@ def main(argv):
               f"--small={small}", f"--batch_sizes={batches[0] if variant else ','.join(map(str, batches))}",
               f"--new_tokens={new_tokens}", f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}",
               f"--dtype={_DTYPE.value}", f"--unfused_row={_UNFUSED.value and not variant}",
+              f"--pallas_rows={'' if variant else ','.join(_PALLAS_ROWS.value)}",
               *([f"--profile_dir={_PROFILE_DIR.value}"] if _PROFILE_DIR.value and not variant else [])]
       t0 = time.perf_counter()
       rc = subprocess.run(argv, check=False, env=env).returncode
@@ -329,12 +388,18 @@ def main(argv):
   print("|---" * (header.count("|") - 1) + "|")
   fmt = lambda v, spec, unit="": "" if v is None else format(v, spec) + unit
   variant_rows = dict(results.get("jax_variant", {}).get("batches", {}).items())
+  kinds = [kind for _, kind in _row_kinds(batches, _UNFUSED.value, _PALLAS_ROWS.value) if kind]
   for batch in batches:
-    for name, res, key in (("transformers", hf, batch), ("llava_jax", ours, str(batch)),
-                           ("llava_jax unfused", ours, f"{batch}unfused"), ("llava_jax variant", variant_rows, str(batch))):
+    rows = [("transformers", hf, batch), ("llava_jax", ours, str(batch))]
+    rows += [(f"llava_jax {kind}", ours, f"{batch}{kind}") for kind in dict.fromkeys(kinds)]
+    rows += [("llava_jax variant", variant_rows, str(batch))]
+    for name, res, key in rows:
       if key not in res:
         continue
       r = res[key]
+      if "error" in r:
+        print(f"| {name} | {batch} | failed: {r['error'][:200]} |" + " |" * 7)
+        continue
       share = r["decode_tok_s"] * step_bound_s / batch if step_bound_s else None
       vs = (r["decode_tok_s"] / hf[batch]["decode_tok_s"]) if name != "transformers" and batch in hf else None
       print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
@@ -342,8 +407,12 @@ def main(argv):
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")
   if variant_rows:
     print(f"llava_jax variant: the llava_jax engine in a process with XLA_FLAGS += {_VARIANT_FLAGS.value}")
-  if results.get("jax", {}).get("profile"):
-    print("\n" + results["jax"]["profile"])
+  if any(kind.startswith("pallas") for kind in kinds):
+    print("llava_jax pallas: decode_attention='pallas' (JAX's Pallas flash-decoding kernel over the head-major "
+          "cache); pallas/K: at most K parts of the cache per (row, kv head)")
+    print(results.get("jax", {}).get("kernel_check") or "")
+  for profile in results.get("jax", {}).get("profiles", []):
+    print("\n" + profile)
 
 
 if __name__ == "__main__":

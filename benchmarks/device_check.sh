@@ -9,6 +9,8 @@
 # VARIANTS="NAME:key=value,... NAME2:..." adds llava_jax rows with other settings to every case (train_step.py
 # --variant; they run after the case's two main rows, so a deadline drops them first);
 # DECODE_ARGS="..." are passed to decode.py (e.g. --profile_dir=... --jax_variant_xla_flags=...);
+# DECODE_FIRST=1 runs decode.py first, limited to DECODE_S (default 240) seconds, then train_step.py in the time
+# left before TOTAL_S;
 # CASES=... overrides the case list (by default stage2-7b is left out on cards under 100 GB: both sides need
 # about 90 GB there; the peer's measured peak is 87.7 GB).
 set -u
@@ -36,8 +38,26 @@ if [ -z "${CASES:-}" ]; then
   fi
 fi
 
+run_decode() {  # $1: time limit in seconds
+  [ -f benchmarks/decode.py ] || return
+  if [ "$1" -ge "$MIN_DECODE_S" ]; then
+    echo "=== decode (limit $1 s) ==="
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$1" python benchmarks/decode.py ${DECODE_ARGS:-} > "$OUT/decode.txt" 2> "$OUT/decode.log"
+    echo "decode exit $? after $((SECONDS - start)) s"
+    cat "$OUT/decode.txt"
+    tail -n 20 "$OUT/decode.log"
+  else
+    echo "=== decode skipped: $1 s left (< ${MIN_DECODE_S} s) ==="
+  fi
+}
+
+if [ -n "${DECODE_FIRST:-}" ]; then
+  run_decode "${DECODE_S:-240}"
+  TRAIN_DEADLINE_S=$((TOTAL_S - (SECONDS - start) - 40))
+fi
+
 # Each case runs in a fresh process: JAX may take 95% of the card (the peer runs after it exits).
-echo "=== train_step: $CASES ==="
+echo "=== train_step: $CASES (deadline ${TRAIN_DEADLINE_S} s) ==="
 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95} \
   timeout -k 10 $((TRAIN_DEADLINE_S + 30)) \
   python benchmarks/train_step.py --peer --cases="$CASES" --out="$OUT/train_step.md" \
@@ -48,16 +68,5 @@ echo "train_step exit $? after $((SECONDS - start)) s (log: $OUT/train_step.log)
 [ -f "$OUT/train_step.md" ] && cat "$OUT/train_step.md"
 tail -n 30 "$OUT/train_step.log"
 
-if [ -f benchmarks/decode.py ]; then
-  left=$((TOTAL_S - (SECONDS - start)))
-  if [ "$left" -ge "$MIN_DECODE_S" ]; then
-    echo "=== decode (limit ${left} s) ==="
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$left" python benchmarks/decode.py ${DECODE_ARGS:-} > "$OUT/decode.txt" 2> "$OUT/decode.log"
-    echo "decode exit $? after $((SECONDS - start)) s"
-    cat "$OUT/decode.txt"
-    tail -n 20 "$OUT/decode.log"
-  else
-    echo "=== decode skipped: ${left} s left (< ${MIN_DECODE_S} s) ==="
-  fi
-fi
+[ -z "${DECODE_FIRST:-}" ] && run_decode $((TOTAL_S - (SECONDS - start)))
 echo "total $((SECONDS - start)) s"

@@ -136,3 +136,21 @@ def test_trace_summary_finds_the_xla_ops_of_a_profiled_run(tmp_path):
   assert rows and all(r["ms_per_step"] > 0 and 0 < r["share"] <= 1 for r in rows)
   assert all(r["thread"].startswith("/host:CPU tf_XLA") for r in rows)  # CPU: the XLA threads, not python
   assert "| thread | op |" in summary.render(rows)
+
+
+def test_small_decode_run_prints_every_row(tmp_path):
+  """benchmarks/decode.py --small: transformers and the llava_jax rows (fused, unfused, flash-decoding kernel with
+  the default and an explicit split) in one table, and the kernel's on-device check against XLA attention."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(SCRIPT.parent / "decode.py"), "--small", "--batch_sizes=1",
+                         "--new_tokens=12", "--repeats=1"], env=env, capture_output=True, text=True, timeout=400,
+                        cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split(" | ")[0].lstrip("| ") for line in proc.stdout.splitlines() if line.startswith("| ")]
+  assert rows == ["impl", "transformers", "llava_jax", "llava_jax unfused", "llava_jax pallas",
+                  "llava_jax pallas/4"], proc.stdout
+  for line in proc.stdout.splitlines():
+    if line.startswith("| llava_jax"):
+      assert float(line.split(" | ")[4]) > 0 and line.split(" | ")[7].endswith("x"), line  # tok/s, vs HF
+  check = next(line for line in proc.stdout.splitlines() if line.startswith("pallas kernel vs XLA"))
+  assert float(check.split("max |difference| ")[1].split(",")[0]) < 1e-5, check
