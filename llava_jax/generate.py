@@ -303,6 +303,7 @@ class Engine:
     if decode_attention not in ("xla", "pallas"):
       raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
     if decode_attention == "pallas":
+      cache_attention.kernel_interpreted()  # raises where the kernel cannot run
       devices = {d for leaf in jax.tree.leaves(self.state)
                  for d in getattr(getattr(leaf, "sharding", None), "device_set", ())}
       if len(devices) > 1:

@@ -11,7 +11,7 @@ Two forms:
 - `attend_window`: one new token per row attending to a window of slots [start_b, stop) (the generation engine's
   left-padded prompts followed by the generated tokens), with JAX's Pallas flash-decoding kernel
   (`jax.experimental.pallas.ops.gpu.decode_attention`): one kernel per layer reads the cache once, and only the
-  slots up to `stop`. Triton on GPU; elsewhere the kernel is interpreted (slow, for tests).
+  slots up to `stop`. Triton on GPU; on CPU the kernel is interpreted (slow, for tests); not on TPU.
 """
 from __future__ import annotations
 
@@ -65,6 +65,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, n, h)
 
 
+def kernel_interpreted() -> bool:
+  """Whether the flash-decoding kernel runs interpreted here: False on GPU, True on CPU; an error elsewhere."""
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cpu"):
+    raise ValueError(f"the flash-decoding kernel (decode_attention='pallas') is written for GPUs (Triton); on "
+                     f"{backend} use 'xla'")
+  return backend == "cpu"
+
+
 def default_splits(num_programs: int, slots: int) -> int:
   """Parts of the S slots for the kernel: enough programs (rows x kv heads x parts) for two per GPU core (SM),
   at most 16 parts, each part a multiple of 16 slots."""
@@ -112,5 +121,5 @@ def attend_window(q: jax.Array, k: jax.Array, v: jax.Array, window: SlotWindow) 
       q.reshape(b * kv_heads, n // kv_heads, h).astype(k.dtype),
       k.reshape(b * kv_heads, s, h), v.reshape(b * kv_heads, s, h),
       start_idx=jnp.repeat(window.start, kv_heads), kv_seq_len=jnp.broadcast_to(window.stop, (b * kv_heads,)),
-      k_splits=splits, block_k=_block_size(s // splits), interpret=jax.default_backend() != "gpu")
+      k_splits=splits, block_k=_block_size(s // splits), interpret=kernel_interpreted())
   return out.reshape(b, 1, n, h).astype(q.dtype)

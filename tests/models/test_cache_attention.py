@@ -87,3 +87,10 @@ def test_default_splits_divide_the_cache():
       splits = cache_attention.default_splits(programs, s)
       assert 1 <= splits <= 16 and s % (16 * splits) == 0
   assert cache_attention.default_splits(4096, 1024) == 1  # enough programs without splitting
+
+
+def test_kernel_runs_interpreted_on_cpu_and_not_on_tpu(monkeypatch):
+  assert cache_attention.kernel_interpreted()  # these tests run on CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="written for GPUs .* on tpu use 'xla'"):
+    cache_attention.kernel_interpreted()
