@@ -2,8 +2,8 @@
 
 Head-major, because that is the layout both attention forms below read without a transpose: in the einsums the
 (row, kv head) batch dimensions lead and each (row, head) reads one contiguous [S, H] block; JAX's Pallas
-flash-decoding kernel takes [B * K, S, H] (a free reshape). A [B, S, K, H] cache would be transposed by XLA or
-the kernel at every decode step, a full read and write of the cache per layer.
+flash-decoding kernel takes [B * K, S, H] (a free reshape). With a [B, S, K, H] cache JAX's GQA wrapper of the
+kernel transposes the whole cache at every call, and XLA's dot may do the same (not yet confirmed on a GPU).
 
 Two forms:
 - `attend`: XLA, any bool mask (prefill, padded batches), the same math as `jax.nn.dot_product_attention`'s XLA
