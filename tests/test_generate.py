@@ -265,12 +265,11 @@ def test_fused_projections_same_tokens_and_hidden_states(small_folder, small):
           == engine.generate_ids(requests, params))
 
 
-@pytest.mark.parametrize("k_splits", [None, 2])
-def test_flash_decoding_kernel_matches_transformers(small_folder, k_splits):
+def test_flash_decoding_kernel_matches_transformers(small_folder):
   """decode_attention='pallas' (JAX's flash-decoding kernel, interpreted on CPU) over left-padded rows of
   different lengths: the tokens of transformers' greedy generate."""
   hf, path = small_folder
-  engine = generate.Engine(model_folder.load_model(path), decode_attention="pallas", k_splits=k_splits)
+  engine = generate.Engine(model_folder.load_model(path), decode_attention="pallas")
   requests = mixed_requests()
   assert engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=12)) == hf_greedy(hf, requests, 12)
 
