@@ -187,17 +187,22 @@ def run_layers(lm, x: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache
     ([B, T, D] normed hidden states, the updated caches).
   """
   cos, sin = llama.rope_tables(lm.cfg, positions)
-  if decode_attention not in ("xla", "pallas"):
-    raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
-  mask = llama.slot_mask(x.shape[1], kv_mask.shape[1], index, kv_mask)  # [B, 1, T, S]
-  window = None
+  _check_decode_attention(decode_attention)
+  mask, window = None, None
   if decode_attention == "pallas" and x.shape[1] == 1:
     window = cache_attention.window_of(kv_mask, index, k_splits)
+  else:
+    mask = llama.slot_mask(x.shape[1], kv_mask.shape[1], index, kv_mask)  # [B, 1, T, S]
   new_caches = []
   for layer, kv in zip(lm.layers, caches):
     x, kv = layer(sharding.constrain_batch(x), cos, sin, mask, kv, index, window)
     new_caches.append(kv)
   return lm.norm(x), tuple(new_caches)
+
+
+def _check_decode_attention(name: str) -> None:
+  if name not in ("xla", "pallas"):
+    raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {name!r}")
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -292,7 +297,6 @@ class Engine:
                k_splits: int | None = None):
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(unstack_layers(model, fuse=fuse_projections))
-    self.decode_attention, self.k_splits = "xla", None
     self.set_decode_attention(decode_attention, k_splits)
     self.eos_token_id = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     self.pad_token_id = self.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
@@ -300,8 +304,7 @@ class Engine:
 
   def set_decode_attention(self, decode_attention: str, k_splits: int | None = None) -> None:
     """Chooses the decode steps' attention for the following calls (the weights stay as they are)."""
-    if decode_attention not in ("xla", "pallas"):
-      raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+    _check_decode_attention(decode_attention)
     if decode_attention == "pallas":
       cache_attention.kernel_interpreted()  # raises where the kernel cannot run
       devices = {d for leaf in jax.tree.leaves(self.state)
