@@ -20,6 +20,8 @@ allocators never share a process; the parent prints the table.
 
   python benchmarks/decode.py                  # GPU, 7B shapes, batches 1 and 16
   python benchmarks/decode.py --small          # tiny shapes, runs on CPU in a minute
+  python benchmarks/decode.py --batch_sizes=1 --jax_variant=cublas:--xla_gpu_enable_triton_gemm=false
+                                               # + rows of llava_jax in a process with other XLA flags
 """
 import os
 
@@ -55,11 +57,15 @@ _UNFUSED = flags.DEFINE_bool("unfused_row", True, "Also time llava_jax at batch 
 _PALLAS_ROWS = flags.DEFINE_list("pallas_rows", ["auto", "4"], "Also time llava_jax with decode_attention='pallas' "
                                   "(JAX's flash-decoding kernel) and these k_splits ('auto' = the default split, "
                                   "at every batch size; a number: at the first batch size). Empty: none.")
-_VARIANT_FLAGS = flags.DEFINE_string("jax_variant_xla_flags", "", "If set, llava_jax runs again (first batch size "
-                                     "only) in a process with these flags added to XLA_FLAGS: one more row.")
+_VARIANTS = flags.DEFINE_multi_string("jax_variant", [], "NAME:XLA_FLAGS, repeatable: llava_jax runs again at the "
+                                      "first batch size in a process with XLA_FLAGS added (rows 'llava_jax [NAME]', "
+                                      "and '... pallas' when --pallas_rows has 'auto').")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace 16 decode steps of llava_jax at the first batch size "
                                    "into DIR (jax.profiler; also DIR/pallas for the first --pallas_rows row) and "
                                    "print the busiest device ops.")
+_DEADLINE_S = flags.DEFINE_float("deadline_s", None, "Print the table by this many seconds after the start: a child "
+                                 "process still running then is stopped (its rows are missing), and one that would "
+                                 "start with under 30 s left is skipped.")
 _PART = flags.DEFINE_enum("part", "", ["", "hf", "jax"], "Internal: run one side and write --result_file.")
 _RESULT_FILE = flags.DEFINE_string("result_file", None, "Internal: where a part writes its JSON results.")
 
@@ -327,6 +333,47 @@ def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
   return out
 
 
+def parse_variants(values) -> dict[str, str]:
+  """--jax_variant values 'NAME:XLA_FLAGS' -> {NAME: XLA_FLAGS}."""
+  variants = {}
+  for value in values:
+    name, sep, xla_flags = value.partition(":")
+    if not sep or not name or not xla_flags.strip() or name in variants:
+      raise app.UsageError(f"--jax_variant wants NAME:XLA_FLAGS with a new NAME, got {value!r}")
+    variants[name] = xla_flags.strip()
+  return variants
+
+
+def part_runs(variants: dict[str, str], batches, pallas_rows, unfused_row: bool, profile_dir):
+  """The child processes: (result name, part, extra XLA_FLAGS, part flags) each. A variant runs the first batch
+  size only, with the default pallas row ('auto') if the main run has it, and no profile."""
+  common = dict(unfused_row=unfused_row, pallas_rows=",".join(pallas_rows), profile_dir=profile_dir,
+                batch_sizes=",".join(map(str, batches)))
+  runs = [("hf", "hf", "", common), ("jax", "jax", "", common)]
+  for name, xla_flags in variants.items():
+    runs.append((f"jax [{name}]", "jax", xla_flags,
+                 dict(unfused_row=False, pallas_rows="auto" if "auto" in pallas_rows else "", profile_dir=None,
+                      batch_sizes=str(batches[0]))))
+  return runs
+
+
+def table_rows(results: dict, batches, kinds) -> list[tuple[str, dict, int, str]]:
+  """(row name, the results it comes from, batch, key in them) in table order: per batch size, transformers,
+  llava_jax and its kinds, then each variant (and its pallas row)."""
+  hf = {int(k): v for k, v in results.get("hf", {}).get("batches", {}).items()}
+  rows = []
+  for batch in batches:
+    rows.append(("transformers", hf, batch, batch))
+    ours = results.get("jax", {}).get("batches", {})
+    rows += [(f"llava_jax{' ' + kind if kind else ''}", ours, batch, f"{batch}{kind}")
+             for kind in dict.fromkeys(["", *kinds])]
+    for name, res in results.items():
+      if name.startswith("jax ["):
+        rows += [(f"llava_{name}{' ' + kind if kind else ''}", res.get("batches", {}), batch, f"{batch}{kind}")
+                 for kind in ("", "pallas")]
+  return [row for row in rows if row[3] in row[1]]
+
+
 def main(argv):
   del argv
   small = _SMALL.value
@@ -335,6 +382,7 @@ def main(argv):
   if new_tokens <= 9:
     raise app.UsageError("--new_tokens must be > 9")
   batches = [int(b) for b in _BATCH_SIZES.value]
+  variants = parse_variants(_VARIANTS.value)
   if _PART.value:
     result = run_part(_PART.value, cfg, batches, new_tokens)
     with open(_RESULT_FILE.value, "w") as f:
@@ -344,27 +392,33 @@ def main(argv):
   print(f"shapes: {'small' if small else 'LLaVA-7B'}; prompt {cfg.image_seq_length} image + {_TEXT_TOKENS.value} "
         f"text positions; {new_tokens} new tokens; dtype {_DTYPE.value}", flush=True)
   # Each side in its own process: PyTorch and JAX each load their own CUDA libraries (cuDNN versions may
-  # differ) and allocators, and a side's failure does not lose the other's numbers.
+  # differ) and allocators, and a side's failure does not lose the other's numbers. XLA flags are read once per
+  # process, so each variant gets one too.
   results = {}
-  parts = [("hf", "hf", _SKIP_HF.value), ("jax", "jax", _SKIP_JAX.value)]
-  parts += [("jax", "jax_variant", _SKIP_JAX.value or not _VARIANT_FLAGS.value)]
-  for part, name, skip in parts:
-    if skip:
+  start = time.perf_counter()
+  for name, part, xla_flags, part_flags in part_runs(variants, batches, _PALLAS_ROWS.value, _UNFUSED.value,
+                                                     _PROFILE_DIR.value):
+    if (_SKIP_HF.value if part == "hf" else _SKIP_JAX.value):
       continue
-    variant = name == "jax_variant"
+    left = None if _DEADLINE_S.value is None else _DEADLINE_S.value - (time.perf_counter() - start)
+    if left is not None and left < 30:
+      print(f"[{name}: skipped, {left:.0f} s left before --deadline_s]", flush=True)
+      continue
     env = dict(os.environ)
-    if variant:
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _VARIANT_FLAGS.value).strip()
+    if xla_flags:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "result.json")
       argv = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--result_file={path}",
-              f"--small={small}", f"--batch_sizes={batches[0] if variant else ','.join(map(str, batches))}",
-              f"--new_tokens={new_tokens}", f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}",
-              f"--dtype={_DTYPE.value}", f"--unfused_row={_UNFUSED.value and not variant}",
-              f"--pallas_rows={'' if variant else ','.join(_PALLAS_ROWS.value)}",
-              *([f"--profile_dir={_PROFILE_DIR.value}"] if _PROFILE_DIR.value and not variant else [])]
+              f"--small={small}", f"--batch_sizes={part_flags['batch_sizes']}", f"--new_tokens={new_tokens}",
+              f"--text_tokens={_TEXT_TOKENS.value}", f"--repeats={_REPEATS.value}", f"--dtype={_DTYPE.value}",
+              f"--unfused_row={part_flags['unfused_row']}", f"--pallas_rows={part_flags['pallas_rows']}",
+              *([f"--profile_dir={part_flags['profile_dir']}"] if part_flags["profile_dir"] else [])]
       t0 = time.perf_counter()
-      rc = subprocess.run(argv, check=False, env=env).returncode
+      try:
+        rc = subprocess.run(argv, check=False, env=env, timeout=left).returncode
+      except subprocess.TimeoutExpired:  # the child is killed; the rows so far still print
+        rc = "timeout (--deadline_s)"
       print(f"[{name}: exit {rc}, {time.perf_counter() - t0:.0f} s wall]", flush=True)
       if rc == 0:
         with open(path) as f:
@@ -372,7 +426,6 @@ def main(argv):
   if not results:
     raise SystemExit("no side produced results")
   hf = {int(k): v for k, v in results.get("hf", {}).get("batches", {}).items()}
-  ours = dict(results.get("jax", {}).get("batches", {}).items())
   bandwidth = results.get("jax", {}).get("bandwidth")
   dtype = next(r["dtype"] for r in results.values())
   weights = llm_weight_bytes(cfg, jnp.dtype(dtype).itemsize)
@@ -387,27 +440,21 @@ def main(argv):
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   fmt = lambda v, spec, unit="": "" if v is None else format(v, spec) + unit
-  variant_rows = dict(results.get("jax_variant", {}).get("batches", {}).items())
   kinds = [kind for _, kind in _row_kinds(batches, _UNFUSED.value, _PALLAS_ROWS.value) if kind]
-  for batch in batches:
-    rows = [("transformers", hf, batch), ("llava_jax", ours, str(batch))]
-    rows += [(f"llava_jax {kind}", ours, f"{batch}{kind}") for kind in dict.fromkeys(kinds)]
-    rows += [("llava_jax variant", variant_rows, str(batch))]
-    for name, res, key in rows:
-      if key not in res:
-        continue
-      r = res[key]
-      if "error" in r:
-        print(f"| {name} | {batch} | failed: {r['error'][:200]} |" + " |" * 7)
-        continue
-      share = r["decode_tok_s"] * step_bound_s / batch if step_bound_s else None
-      vs = (r["decode_tok_s"] / hf[batch]["decode_tok_s"]) if name != "transformers" and batch in hf else None
-      print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
-            f"{r['decode_tok_s'] / batch:.1f} | {fmt(share and 100 * share, '.0f', '%')} | {fmt(vs, '.2f', 'x')} | "
-            f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")
-  if variant_rows:
-    print(f"llava_jax variant: the llava_jax engine in a process with XLA_FLAGS += {_VARIANT_FLAGS.value}")
-  if any(kind.startswith("pallas") for kind in kinds):
+  rows = table_rows(results, batches, kinds)
+  for name, res, batch, key in rows:
+    r = res[key]
+    if "error" in r:
+      print(f"| {name} | {batch} | failed: {r['error'][:200]} |" + " |" * 7)
+      continue
+    share = r["decode_tok_s"] * step_bound_s / batch if step_bound_s else None
+    vs = (r["decode_tok_s"] / hf[batch]["decode_tok_s"]) if name != "transformers" and batch in hf else None
+    print(f"| {name} | {batch} | {r['prefill_s']:.3f} | {r['first9_s']:.3f} | {r['decode_tok_s']:.1f} | "
+          f"{r['decode_tok_s'] / batch:.1f} | {fmt(share and 100 * share, '.0f', '%')} | {fmt(vs, '.2f', 'x')} | "
+          f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} |")
+  for name, xla_flags in variants.items():
+    print(f"llava_jax [{name}]: the llava_jax engine in a process with XLA_FLAGS += {xla_flags}")
+  if any("pallas" in name for name, *_ in rows):
     print("llava_jax pallas: decode_attention='pallas' (JAX's Pallas flash-decoding kernel over the head-major "
           "cache); pallas/K: at most K parts of the cache per (row, kv head)")
     print(results.get("jax", {}).get("kernel_check") or "")

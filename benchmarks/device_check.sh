@@ -8,7 +8,7 @@
 # its busiest device ops under the table (costs some seconds per case);
 # VARIANTS="NAME:key=value,... NAME2:..." adds llava_jax rows with other settings to every case (train_step.py
 # --variant; they run after the case's two main rows, so a deadline drops them first);
-# DECODE_ARGS="..." are passed to decode.py (e.g. --profile_dir=... --jax_variant_xla_flags=...);
+# DECODE_ARGS="..." are passed to decode.py (e.g. --profile_dir=... --jax_variant=NAME:XLA_FLAGS);
 # DECODE_FIRST=1 runs decode.py first, limited to DECODE_S (default 240) seconds, then train_step.py in the time
 # left before TOTAL_S;
 # CASES=... overrides the case list (by default stage2-7b is left out on cards under 100 GB: both sides need
@@ -42,7 +42,7 @@ run_decode() {  # $1: time limit in seconds
   [ -f benchmarks/decode.py ] || return
   if [ "$1" -ge "$MIN_DECODE_S" ]; then
     echo "=== decode (limit $1 s) ==="
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$1" python benchmarks/decode.py ${DECODE_ARGS:-} > "$OUT/decode.txt" 2> "$OUT/decode.log"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$1" python benchmarks/decode.py --deadline_s=$(($1 - 15)) ${DECODE_ARGS:-} > "$OUT/decode.txt" 2> "$OUT/decode.log"
     echo "decode exit $? after $((SECONDS - start)) s"
     cat "$OUT/decode.txt"
     tail -n 20 "$OUT/decode.log"

@@ -153,3 +153,46 @@ def test_small_decode_run_prints_every_row(tmp_path):
       assert float(line.split(" | ")[4]) > 0 and line.split(" | ")[7].endswith("x"), line  # tok/s, vs HF
   check = next(line for line in proc.stdout.splitlines() if line.startswith("pallas kernel vs XLA"))
   assert float(check.split("max |difference| ")[1].split(",")[0]) < 1e-5, check
+
+
+_DECODE_VARIANT_CHECK = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("decode_benchmark", sys.argv[1])
+decode = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(decode)
+variants = decode.parse_variants(["cublas:--xla_gpu_enable_triton_gemm=false", "two:--a=1 --b=2"])
+runs = decode.part_runs(variants, [1, 16], ["auto", "4"], True, "/p")
+refused = []
+for bad in (["nocolon"], ["x:"], ["x:--a=1", "x:--b=2"]):
+  try:
+    decode.parse_variants(bad)
+  except decode.app.UsageError:
+    refused.append(bad)
+row = lambda tok_s: {"decode_tok_s": tok_s}
+results = {"hf": {"batches": {"1": row(1), "16": row(2)}},
+           "jax": {"batches": {"1": row(3), "16": row(4), "1unfused": row(5), "1pallas": row(6), "16pallas": row(7)}},
+           "jax [cublas]": {"batches": {"1": row(8), "1pallas": row(9)}}}
+kinds = [k for _, k in decode._row_kinds([1, 16], True, ["auto"]) if k]
+table = [(name, batch, res[key]["decode_tok_s"]) for name, res, batch, key in decode.table_rows(results, [1, 16], kinds)]
+print(json.dumps(dict(variants=variants, runs=runs, refused=refused, table=table)))
+"""
+
+
+def test_decode_variants_run_in_their_own_processes_and_rows():
+  """decode.py --jax_variant: each NAME:XLA_FLAGS is one more llava_jax process (first batch size, the default
+  pallas row, no profile) whose rows follow llava_jax's in the table; malformed or repeated names are refused."""
+  proc = subprocess.run([sys.executable, "-c", _DECODE_VARIANT_CHECK, str(SCRIPT.parent / "decode.py")],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.splitlines()[-1])
+  assert got["variants"] == {"cublas": "--xla_gpu_enable_triton_gemm=false", "two": "--a=1 --b=2"}
+  assert len(got["refused"]) == 3
+  names = [(name, xla_flags) for name, _, xla_flags, _ in got["runs"]]
+  assert names == [("hf", ""), ("jax", ""), ("jax [cublas]", "--xla_gpu_enable_triton_gemm=false"),
+                   ("jax [two]", "--a=1 --b=2")]
+  main, variant = got["runs"][1][3], got["runs"][2][3]
+  assert main == dict(unfused_row=True, pallas_rows="auto,4", profile_dir="/p", batch_sizes="1,16")
+  assert variant == dict(unfused_row=False, pallas_rows="auto", profile_dir=None, batch_sizes="1")
+  assert got["table"] == [["transformers", 1, 1], ["llava_jax", 1, 3], ["llava_jax unfused", 1, 5],
+                          ["llava_jax pallas", 1, 6], ["llava_jax [cublas]", 1, 8], ["llava_jax [cublas] pallas", 1, 9],
+                          ["transformers", 16, 2], ["llava_jax", 16, 4], ["llava_jax pallas", 16, 7]]
