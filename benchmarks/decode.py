@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -59,7 +60,8 @@ _PALLAS_ROWS = flags.DEFINE_list("pallas_rows", ["auto", "4"], "Also time llava_
                                   "at every batch size; a number: at the first batch size). Empty: none.")
 _VARIANTS = flags.DEFINE_multi_string("jax_variant", [], "NAME:XLA_FLAGS, repeatable: llava_jax runs again at the "
                                       "first batch size in a process with XLA_FLAGS added (rows 'llava_jax [NAME]', "
-                                      "and '... pallas' when --pallas_rows has 'auto').")
+                                      "and '... pallas' when --pallas_rows has 'auto'). Several flags: separated "
+                                      "by spaces, or by commas before '--'.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace 16 decode steps of llava_jax at the first batch size "
                                    "into DIR (jax.profiler; also DIR/pallas for the first --pallas_rows row) and "
                                    "print the busiest device ops.")
@@ -334,13 +336,15 @@ def run_part(part: str, cfg: ModelConfig, batches, new_tokens) -> dict:
 
 
 def parse_variants(values) -> dict[str, str]:
-  """--jax_variant values 'NAME:XLA_FLAGS' -> {NAME: XLA_FLAGS}."""
+  """--jax_variant values 'NAME:XLA_FLAGS' -> {NAME: XLA_FLAGS}; flags are separated by spaces or by a comma
+  before '--' (so a variant of several flags fits in one shell word)."""
   variants = {}
   for value in values:
     name, sep, xla_flags = value.partition(":")
-    if not sep or not name or not xla_flags.strip() or name in variants:
+    words = [w for w in re.split(r"\s+|,(?=--)", xla_flags) if w]
+    if not sep or not name or not words or name in variants:
       raise app.UsageError(f"--jax_variant wants NAME:XLA_FLAGS with a new NAME, got {value!r}")
-    variants[name] = xla_flags.strip()
+    variants[name] = " ".join(words)
   return variants
 
 

@@ -9,6 +9,7 @@
 # VARIANTS="NAME:key=value,... NAME2:..." adds llava_jax rows with other settings to every case (train_step.py
 # --variant; they run after the case's two main rows, so a deadline drops them first);
 # DECODE_ARGS="..." are passed to decode.py (e.g. --profile_dir=... --jax_variant=NAME:XLA_FLAGS);
+# TRAIN=0 skips train_step.py (a decode-only run: DECODE_FIRST=1 DECODE_S=...);
 # DECODE_FIRST=1 runs decode.py first, limited to DECODE_S (default 240) seconds, then train_step.py in the time
 # left before TOTAL_S;
 # CASES=... overrides the case list (by default stage2-7b is left out on cards under 100 GB: both sides need
@@ -56,17 +57,25 @@ if [ -n "${DECODE_FIRST:-}" ]; then
   TRAIN_DEADLINE_S=$((TOTAL_S - (SECONDS - start) - 40))
 fi
 
-# Each case runs in a fresh process: JAX may take 95% of the card (the peer runs after it exits).
-echo "=== train_step: $CASES (deadline ${TRAIN_DEADLINE_S} s) ==="
-XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95} \
-  timeout -k 10 $((TRAIN_DEADLINE_S + 30)) \
-  python benchmarks/train_step.py --peer --cases="$CASES" --out="$OUT/train_step.md" \
-    --deadline_s="$TRAIN_DEADLINE_S" --timeout_s="$CASE_TIMEOUT_S" \
-    ${PROFILE:+--profile_dir="$OUT/profiles"} ${VARIANTS:+$(printf -- ' --variant=%s' $VARIANTS)} \
-    > "$OUT/train_step.out" 2> "$OUT/train_step.log"
-echo "train_step exit $? after $((SECONDS - start)) s (log: $OUT/train_step.log)"
-[ -f "$OUT/train_step.md" ] && cat "$OUT/train_step.md"
-tail -n 30 "$OUT/train_step.log"
+run_train() {
+  # Each case runs in a fresh process: JAX may take 95% of the card (the peer runs after it exits).
+  echo "=== train_step: $CASES (deadline ${TRAIN_DEADLINE_S} s) ==="
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95} \
+    timeout -k 10 $((TRAIN_DEADLINE_S + 30)) \
+    python benchmarks/train_step.py --peer --cases="$CASES" --out="$OUT/train_step.md" \
+      --deadline_s="$TRAIN_DEADLINE_S" --timeout_s="$CASE_TIMEOUT_S" \
+      ${PROFILE:+--profile_dir="$OUT/profiles"} ${VARIANTS:+$(printf -- ' --variant=%s' $VARIANTS)} \
+      > "$OUT/train_step.out" 2> "$OUT/train_step.log"
+  echo "train_step exit $? after $((SECONDS - start)) s (log: $OUT/train_step.log)"
+  [ -f "$OUT/train_step.md" ] && cat "$OUT/train_step.md"
+  tail -n 30 "$OUT/train_step.log"
+}
+
+if [ "${TRAIN:-1}" = 0 ]; then
+  echo "=== train_step skipped (TRAIN=0) ==="
+else
+  run_train
+fi
 
 [ -z "${DECODE_FIRST:-}" ] && run_decode $((TOTAL_S - (SECONDS - start)))
 echo "total $((SECONDS - start)) s"

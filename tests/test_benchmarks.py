@@ -160,7 +160,8 @@ import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("decode_benchmark", sys.argv[1])
 decode = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(decode)
-variants = decode.parse_variants(["cublas:--xla_gpu_enable_triton_gemm=false", "two:--a=1 --b=2"])
+variants = decode.parse_variants(["cublas:--xla_gpu_enable_triton_gemm=false", "two:--a=1 --b=2",
+                                  "three:--a=1,--c=X,Y"])
 runs = decode.part_runs(variants, [1, 16], ["auto", "4"], True, "/p")
 refused = []
 for bad in (["nocolon"], ["x:"], ["x:--a=1", "x:--b=2"]):
@@ -185,11 +186,12 @@ def test_decode_variants_run_in_their_own_processes_and_rows():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.splitlines()[-1])
-  assert got["variants"] == {"cublas": "--xla_gpu_enable_triton_gemm=false", "two": "--a=1 --b=2"}
+  assert got["variants"] == {"cublas": "--xla_gpu_enable_triton_gemm=false", "two": "--a=1 --b=2",
+                             "three": "--a=1 --c=X,Y"}
   assert len(got["refused"]) == 3
   names = [(name, xla_flags) for name, _, xla_flags, _ in got["runs"]]
   assert names == [("hf", ""), ("jax", ""), ("jax [cublas]", "--xla_gpu_enable_triton_gemm=false"),
-                   ("jax [two]", "--a=1 --b=2")]
+                   ("jax [two]", "--a=1 --b=2"), ("jax [three]", "--a=1 --c=X,Y")]
   main, variant = got["runs"][1][3], got["runs"][2][3]
   assert main == dict(unfused_row=True, pallas_rows="auto,4", profile_dir="/p", batch_sizes="1,16")
   assert variant == dict(unfused_row=False, pallas_rows="auto", profile_dir=None, batch_sizes="1")
