@@ -243,7 +243,8 @@ class SampleTransform:
   """Record element -> sample dict (picklable; the tokenizer travels to the workers).
 
   Output: {'id', 'source', 'index', 'skip_reason' ('' if usable), 'skip_detail', 'input_ids' int32[T],
-  'labels' int32[T], 'images' float32[n, S, S, 3], 'num_tokens' (expanded length), 'padding'}.
+  'labels' int32[T], 'images' float32[n, S, S, 3], 'num_tokens' (expanded length), 'padding',
+  'labels_cut' (supervised tokens lost to truncation)}.
   """
 
   def __init__(self, tokenizer, *, template: str, image_seq_length: int, max_length: int, image_size: int,
@@ -261,7 +262,7 @@ class SampleTransform:
 
   def _empty(self, **kw) -> dict[str, Any]:
     out = {"id": "", "source": "", "index": -1, "skip_reason": "", "skip_detail": "", "padding": False,
-           "num_tokens": 0, "input_ids": np.zeros([0], np.int32), "labels": np.zeros([0], np.int32),
+           "num_tokens": 0, "labels_cut": 0, "input_ids": np.zeros([0], np.int32), "labels": np.zeros([0], np.int32),
            "images": np.zeros([0, self.image_size, self.image_size, 3], np.float32)}
     out.update(kw)
     return out
@@ -314,11 +315,13 @@ class SampleTransform:
       raise records.BadRecord("image_tag_mismatch",
                               f"{source}: the encoded prompt has {placeholders} image placeholder(s) for "
                               f"{len(pil_images)} image(s)")
-    if not np.any(labels != IGNORE_INDEX):
+    supervised = int(np.sum(labels != IGNORE_INDEX))
+    if not supervised:
       raise records.BadRecord("no_labels", f"{source}: no supervised token (no assistant reply?)")
     input_ids, labels, kept, num_tokens = truncate_expanded(input_ids, labels, self.image_seq_length,
                                                             self.max_length)
-    if not np.any(labels != IGNORE_INDEX):
+    labels_cut = supervised - int(np.sum(labels != IGNORE_INDEX))
+    if labels_cut == supervised:
       raise records.BadRecord("too_long", f"{source}: no supervised token left after truncation to "
                               f"{self.max_length} positions (images take {self.image_seq_length} each)")
     pixels = []
@@ -331,7 +334,7 @@ class SampleTransform:
     pixels = (np.stack(pixels).astype(np.float32) if pixels
               else np.zeros([0, self.image_size, self.image_size, 3], np.float32))
     return self._empty(id=parsed.id, source=source, index=element["index"], input_ids=input_ids, labels=labels,
-                       images=pixels, num_tokens=num_tokens)
+                       images=pixels, num_tokens=num_tokens, labels_cut=labels_cut)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,15 +384,20 @@ def collate(rows: list[dict[str, Any]], *, batch_size: int, length_buckets: tupl
 class BatchIterator(grain.DatasetIterator):
   """Applies the bad-input policy to samples and yields static-shape batches; checkpointable.
 
-  `skip_stats` holds the counts of skipped records by reason; `summary()` says them.
+  `skip_stats` holds the counts of skipped records by reason and of truncated ones; `summary()` says them.
+  Training (`keep_positions` False) fills a skipped record's row with the next record, so each process's place
+  in the global order runs ahead by its own skip count (the trainer's iterator has no end, so every process
+  still takes the same steps). More than `max_skips_in_a_row` skips in a row (a whole epoch of this process's
+  records, e.g. a wrong image folder) raise `BadInputError` instead of searching on forever.
   """
 
   def __init__(self, parent: grain.DatasetIterator, *, policy: str, keep_positions: bool, drop_remainder: bool,
-               collate_kw: dict[str, Any]):
+               collate_kw: dict[str, Any], max_length: int, max_skips_in_a_row: int | None = None):
     super().__init__(parent)
     self.skip_stats = records.SkipStats(policy)
     self._keep_positions, self._drop_remainder = keep_positions, drop_remainder
-    self._collate_kw = collate_kw
+    self._collate_kw, self._max_length = collate_kw, max_length
+    self._max_skips_in_a_row, self._skips_in_a_row = max_skips_in_a_row, 0
     self._done = False
 
   def summary(self) -> str:
@@ -410,17 +418,29 @@ class BatchIterator(grain.DatasetIterator):
         raise
       if sample["skip_reason"]:
         self.skip_stats.add(sample["id"], sample["skip_reason"], sample["skip_detail"])
+        self._skips_in_a_row += 1
+        if self._max_skips_in_a_row is not None and self._skips_in_a_row > self._max_skips_in_a_row:
+          raise records.BadInputError(
+              f"{self._skips_in_a_row} records in a row were skipped, more than one epoch of this process's "
+              f"{self._max_skips_in_a_row}: no usable training data ({self.summary()}; check the image folder "
+              "and the data files)")
         if not self._keep_positions:
           continue
+      else:
+        self._skips_in_a_row = 0
+        if sample["labels_cut"]:
+          self.skip_stats.add_truncated(sample["id"], int(sample["labels_cut"]), self._max_length)
       rows.append(sample)
     return collate(rows, **self._collate_kw)
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "skipped": self.skip_stats.state()}
+    return {"parent": self._parent.get_state(), "skipped": self.skip_stats.state(),
+            "skips_in_a_row": self._skips_in_a_row}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self.skip_stats.set_state(state["skipped"])
+    self._skips_in_a_row = int(state.get("skips_in_a_row", 0))  # absent in states written before it
     self._done = False
 
 
@@ -467,6 +487,7 @@ def make_dataset(config: Any, tokenizer, model_config, *, train: bool = True, pr
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   return BatchIterDataset(
       ds, policy=cfg.bad_input, keep_positions=not train, drop_remainder=cfg.drop_remainder and train,
+      max_length=cfg.max_length, max_skips_in_a_row=order.per_epoch if train else None,
       collate_kw=dict(batch_size=cfg.batch_size, length_buckets=length_buckets(cfg), image_buckets=image_buckets(cfg),
                       pad_id=pad_id, image_size=image_size))
 

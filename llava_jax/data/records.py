@@ -17,7 +17,9 @@ is reported like any other bad input rather than failing the whole file.
 Bad input has a reason from `REASONS`. `parse_record` finds those visible in the text; the pipeline finds the
 rest (`missing_image`, `bad_image` when an image is loaded; `no_labels`, `too_long` after tokenisation).
 `SkipStats` applies the policy: 'skip' (count by reason, log the record id and reason, `summary()`) or
-'strict' (raise `BadInputError` naming the record and the reason). Nothing is silently dropped or altered.
+'strict' (raise `BadInputError` naming the record and the reason). A record that keeps supervised tokens after
+truncation to max_length is trained on (as LLaVA does) but counted, with the supervised tokens it lost, and
+logged. Nothing is silently dropped or altered.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ class BadRecord(ValueError):
 
 
 class BadInputError(ValueError):
-  """Raised in 'strict' mode: names the record and why it is bad."""
+  """Bad input that stops a run: a bad record in 'strict' mode (named, with its reason), or training data of
+  which a whole epoch's worth of records in a row was skipped (the counts by reason)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +192,7 @@ def read_records(path: str) -> list[tuple[str, str, Any]]:
   with open(path, "rb") as f:
     data = f.read()
   try:
-    content = data.decode("utf-8")
+    content = data.decode("utf-8-sig")  # a leading byte order mark is not content
   except UnicodeDecodeError as e:
     raise ValueError(f"{path} is not UTF-8 text: {e}") from None
   if content.lstrip().startswith("["):
@@ -301,6 +304,8 @@ class SkipStats:
       raise ValueError(f"bad_input policy must be one of {POLICIES}, got {policy!r}")
     self.policy = policy
     self.counts: collections.Counter[str] = collections.Counter()
+    self.truncated_records = 0  # kept records that lost supervised tokens to max_length
+    self.truncated_labels = 0  # the supervised tokens they lost
 
   def add(self, rid: str, reason: str, detail: str) -> None:
     """Counts and logs one skipped record; in 'strict' mode raises `BadInputError` instead."""
@@ -309,20 +314,34 @@ class SkipStats:
     self.counts[reason] += 1
     logging.warning("skipping record %r: %s: %s", rid, reason, detail)
 
+  def add_truncated(self, rid: str, labels_cut: int, max_length: int) -> None:
+    """Counts a record kept with `labels_cut` of its supervised tokens cut by truncation (logs the first 20)."""
+    self.truncated_records += 1
+    self.truncated_labels += labels_cut
+    if self.truncated_records <= 20:
+      logging.warning("record %r: truncated to %d positions, %d supervised token(s) cut (counted%s)", rid,
+                      max_length, labels_cut, "; later ones are only counted" if self.truncated_records == 20 else "")
+
   @property
   def total(self) -> int:
     return sum(self.counts.values())
 
   def summary(self) -> str:
-    if not self.total:
-      return "bad input: no records skipped"
     parts = ", ".join(f"{r}={self.counts[r]}" for r in REASONS if self.counts[r])
-    return f"bad input: skipped {self.total} record(s): {parts}"
+    text = f"bad input: skipped {self.total} record(s): {parts}" if self.total else "bad input: no records skipped"
+    if self.truncated_records:
+      text += (f"; truncated {self.truncated_records} kept record(s) to max_length, cutting "
+               f"{self.truncated_labels} supervised token(s)")
+    return text
 
   def state(self) -> dict[str, int]:
-    return {r: int(self.counts[r]) for r in REASONS}
+    return {**{r: int(self.counts[r]) for r in REASONS}, "truncated_records": self.truncated_records,
+            "truncated_labels": self.truncated_labels}
 
   def set_state(self, state: dict[str, int]) -> None:
+    state = dict(state)
+    self.truncated_records = int(state.pop("truncated_records", 0))  # absent in states written before them
+    self.truncated_labels = int(state.pop("truncated_labels", 0))
     self.counts = collections.Counter({r: int(n) for r, n in state.items() if n})
 
 

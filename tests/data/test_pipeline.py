@@ -105,9 +105,28 @@ def test_truncation_after_expansion(corpus, tokenizer, tiny_model_config):
                          drop_remainder=False)
   assert dict(it.skip_stats.counts) == {"too_long": 2}
   assert sorted(_order(batches)) == [i for i, r in enumerate(corpus["clean"]) if "two_images" not in r["id"]]
+  cuts = []  # supervised tokens each kept record loses to LLaVA's truncation after expansion
+  for i in _order(batches):
+    _, labels, llava_labels, _ = _reference_row(corpus, tokenizer, corpus["clean"][i], 56)
+    cuts.append(int(np.sum(labels != IGNORE_INDEX) - np.sum(llava_labels != IGNORE_INDEX)))
+  assert sum(c > 0 for c in cuts) > 0
+  assert (it.skip_stats.truncated_records, it.skip_stats.truncated_labels) == (sum(c > 0 for c in cuts), sum(cuts))
+  assert f"truncated {sum(c > 0 for c in cuts)} kept record(s)" in it.summary()
   assert any(b["num_tokens"].max() == 56 for b in batches)
   for batch in batches:
     _check_batch(batch, corpus, tokenizer, corpus["clean"], 56, (52, 56))
+
+
+def test_training_data_with_no_usable_record_raises(corpus, tokenizer, tiny_model_config, tmp_path):
+  """A wrong image folder: every record is skipped, and the endless training iterator says so instead of
+  searching forever."""
+  with_images = [r for r in corpus["clean"] if "image" in r][:3]
+  (tmp_path / "r.json").write_text(json.dumps(with_images))
+  cfg = dict(_config(corpus, tmp_path / "r.json", batch_size=2, num_epochs=None),
+             data_files=[{"path": str(tmp_path / "r.json"), "image_folder": str(tmp_path / "nowhere")}])
+  it = pipeline.make_train_iterator(cfg, tokenizer, tiny_model_config, process_index=0, process_count=1)
+  with pytest.raises(records.BadInputError, match=r"4 records in a row were skipped.*missing_image=4"):
+    next(it)
 
 
 def test_image_cut_by_the_limit_is_dropped_with_what_follows(corpus, tokenizer, tiny_model_config, tmp_path):

@@ -23,6 +23,14 @@ def test_json_list_and_jsonl_give_the_same_records(corpus):
   assert from_lines[3][0] == f"{corpus['clean_jsonl']}:4"  # 1-based line numbers
 
 
+def test_a_byte_order_mark_is_not_content(corpus, tmp_path):
+  """Files saved with a UTF-8 BOM (some Windows editors) read as the same records, list or JSONL."""
+  for name in ("clean_json", "clean_jsonl"):
+    path = tmp_path / corpus[name].name
+    path.write_bytes(b"\xef\xbb\xbf" + corpus[name].read_bytes())
+    assert [json.loads(t) for _, t in records.read_record_texts(str(path))] == corpus["clean"]
+
+
 def test_parse_clean_records(corpus):
   for source, text in records.read_record_texts(str(corpus["clean_json"])):
     parsed = records.parse_record(text, source)
@@ -137,9 +145,19 @@ def test_skip_stats_policy(caplog):
   assert stats.counts == {"missing_image": 1, "too_long": 2}
   assert "rec-7" in caplog.text and "missing_image" in caplog.text and "rec-9" in caplog.text
   assert stats.summary() == "bad input: skipped 3 record(s): missing_image=1, too_long=2"
+  with caplog.at_level(logging.WARNING):
+    stats.add_truncated("rec-10", 7, 2048)
+    stats.add_truncated("rec-11", 2, 2048)
+  assert "rec-10" in caplog.text and "7 supervised token(s) cut" in caplog.text
+  assert stats.total == 3  # kept, not skipped
+  assert stats.summary() == ("bad input: skipped 3 record(s): missing_image=1, too_long=2; truncated 2 kept "
+                             "record(s) to max_length, cutting 9 supervised token(s)")
   restored = records.SkipStats("skip")
   restored.set_state(json.loads(json.dumps(stats.state())))
-  assert restored.counts == stats.counts
+  assert restored.counts == stats.counts and restored.summary() == stats.summary()
+  older = records.SkipStats("skip")
+  older.set_state({"missing_image": 1})  # a state saved before the truncation counts existed
+  assert older.counts == {"missing_image": 1} and older.truncated_records == 0
 
   strict = records.SkipStats("strict")
   with pytest.raises(records.BadInputError, match=r"'rec-7'.*missing_image.*x\.png"):
