@@ -168,7 +168,7 @@ class RuntimeConfig:
   """How a model runs: not saved with the weights."""
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
-  attention_impl: str | None = None  # 'xla' | 'cudnn' | None (cudnn on GPU, else xla)
+  attention_impl: str | None = None  # 'xla' | 'cudnn' | None (cudnn on GPU in bf16/fp16, else xla)
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims | save_attn_out
   scan_layers: bool = True
   # Recompute RMSNorm and the SwiGLU product in the backward pass (saving only their bf16 inputs) instead of

@@ -16,10 +16,12 @@ def dtype_of(name: str | Any) -> Any:
 
 
 def attention_implementation(runtime: RuntimeConfig) -> str:
-  """'cudnn' on GPU, 'xla' elsewhere, unless the runtime config names one."""
+  """'cudnn' on GPU for 16-bit compute, 'xla' otherwise (cuDNN's fused attention takes no float32), unless the
+  runtime config names one."""
   if runtime.attention_impl:
     return runtime.attention_impl
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  half = jnp.dtype(dtype_of(runtime.dtype)) in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str, causal: bool = False,
