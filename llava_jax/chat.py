@@ -34,8 +34,7 @@ class ChatSession:
                params: generate.SamplingParams = generate.SamplingParams()):
     self.generator = generator
     self.images = [generator.preprocess(image)] if image is not None else []
-    stops = tuple(dict.fromkeys(params.stop_strings + generator.stop_strings))
-    self.params = dataclasses.replace(params, stop_strings=stops)
+    self.params = generator.with_stops(params)
     self.messages: list[tuple[str, str]] = []
 
   def reply(self, text: str) -> Iterator[str]:

@@ -57,7 +57,10 @@ class SamplingParams:
     top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability reaches top_p.
     seed: seed of the sampling key (the same seed, inputs and batch give the same tokens).
     stop_strings: generation of a row ends once its decoded text contains one of these; the text is cut before it.
-    ignore_eos: keep generating after the EOS token (benchmarks).
+    stop_token_ids: generation of a row also ends on these ids, on the device (as on EOS; the finish reason is
+      'stop'). `Generator.params` puts stop strings that are one special token here, since the text that
+      stop strings are matched against is decoded without special tokens.
+    ignore_eos: keep generating after the EOS token (and the stop token ids) (benchmarks).
     chunk_size: decode steps per device call when stop strings are checked on the host.
   """
   max_new_tokens: int = 128
@@ -65,6 +68,7 @@ class SamplingParams:
   top_p: float = 1.0
   seed: int = 0
   stop_strings: tuple[str, ...] = ()
+  stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
   chunk_size: int = 16
 
@@ -78,6 +82,7 @@ class SamplingParams:
     if self.chunk_size < 1:
       raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
     object.__setattr__(self, "stop_strings", tuple(s for s in self.stop_strings if s))
+    object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
 
   @property
   def greedy(self) -> bool:
@@ -99,7 +104,7 @@ class Output(NamedTuple):
 
   token_ids: the generated ids, without the EOS token; with a stop string, up to the token that completed it.
   text: their decoded text (special tokens skipped), cut before the first stop string.
-  finish_reason: 'eos', 'stop' (a stop string) or 'length' (max_new_tokens reached).
+  finish_reason: 'eos', 'stop' (a stop string or stop token) or 'length' (max_new_tokens reached).
   """
   token_ids: list[int]
   text: str
@@ -226,9 +231,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "cache_len", "max_new", "greedy",
                                              "cache_dtype"))
-def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, eos_id, pad_id, *, graphdef,
+def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, end_ids, pad_id, *, graphdef,
              prompt_len, cache_len, max_new, greedy, cache_dtype) -> DecodeState:
-  """ids int32[B, T], mask bool[B, T], images float[I, S, S, 3] or None -> DecodeState with 1 token generated.
+  """ids int32[B, T], mask bool[B, T], images float[I, S, S, 3] or None -> DecodeState with 1 token generated;
+  end_ids int32[E]: the ids that end a row.
 
   Module-level (the model's graph static, its state an argument) so that engines of equal models share programs.
   """
@@ -246,12 +252,12 @@ def _prefill(state, input_ids, attention_mask, images, rng, temperature, top_p, 
   tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
   return DecodeState(cache=caches, kv_mask=kv_mask, token=token, position=spliced.positions[:, -1] + 1,
                      slot=jnp.asarray(prompt_len, jnp.int32), tokens=tokens, step=jnp.asarray(1, jnp.int32),
-                     done=token == eos_id, rng=rng)
+                     done=_is_end(token, end_ids), rng=rng)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "ignore_eos", "decode_attention", "k_splits"),
                    donate_argnums=(1,))
-def _decode(state, ds: DecodeState, stop_step, temperature, top_p, eos_id, pad_id, *, graphdef, greedy,
+def _decode(state, ds: DecodeState, stop_step, temperature, top_p, end_ids, pad_id, *, graphdef, greedy,
             ignore_eos, decode_attention, k_splits) -> DecodeState:
   """Decodes until `ds.step == stop_step` (<= N) or every row is done."""
   lm = nnx.merge(graphdef, state).language_model
@@ -267,11 +273,16 @@ def _decode(state, ds: DecodeState, stop_step, temperature, top_p, eos_id, pad_i
     token = sample_logits(logits, jax.random.fold_in(ds.rng, ds.step), temperature, top_p, greedy=greedy)
     token = jnp.where(ds.done, pad_id, token)
     tokens = jax.lax.dynamic_update_slice_in_dim(ds.tokens, token[:, None], ds.step, axis=1)
-    done = ds.done if ignore_eos else ds.done | (token == eos_id)
+    done = ds.done if ignore_eos else ds.done | _is_end(token, end_ids)
     return ds._replace(cache=cache, token=token, position=ds.position + 1, slot=ds.slot + 1, tokens=tokens,
                        step=ds.step + 1, done=done)
 
   return jax.lax.while_loop(cond, body, ds)
+
+
+def _is_end(token: jax.Array, end_ids: jax.Array) -> jax.Array:
+  """int32[B], int32[E] -> bool[B]: the token is one of end_ids."""
+  return jnp.any(token[:, None] == end_ids[None, :], axis=-1)
 
 
 class Engine:
@@ -279,7 +290,8 @@ class Engine:
 
   Args:
     model: a LlavaModel (its parameters are captured once; later changes to the module are not seen).
-    eos_token_id: generation of a row ends with it (default: the text config's).
+    eos_token_id: generation of a row ends with it, or with any of a list of them (default: the text
+      config's `eos_token_ids`).
     pad_token_id: written into rows after they end and into prompt padding (default: the text config's).
     cache_dtype: KV cache dtype (default: the compute dtype).
     fuse_projections: run each layer's q/k/v and gate/up projections as one matmul each (`unstack_layers`).
@@ -292,13 +304,17 @@ class Engine:
   memory twice while the caller keeps `model` (the CLIs do not).
   """
 
-  def __init__(self, model: LlavaModel, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+  def __init__(self, model: LlavaModel, *, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int | None = None,
                cache_dtype: Any = None, fuse_projections: bool = True, decode_attention: str = "xla",
                k_splits: int | None = None):
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(unstack_layers(model, fuse=fuse_projections))
     self.set_decode_attention(decode_attention, k_splits)
-    self.eos_token_id = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
+    if eos_token_id is None:
+      self.eos_token_ids = self.cfg.text.eos_token_ids
+    else:
+      self.eos_token_ids = tuple(int(i) for i in np.atleast_1d(eos_token_id))
     self.pad_token_id = self.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
     self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
 
@@ -372,7 +388,7 @@ class Engine:
     batch = self.prepare(requests, params.max_new_tokens, min_rows)
     ds = _prefill(self.state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                   None if batch["images"] is None else jnp.asarray(batch["images"]), jax.random.key(params.seed),
-                  jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.int32(self.eos_token_id),
+                  jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), self._end_ids(params),
                   jnp.int32(self.pad_token_id), graphdef=self.graphdef, prompt_len=batch["prompt_len"],
                   cache_len=batch["cache_len"], max_new=batch["max_new"], greedy=params.greedy,
                   cache_dtype=self.cache_dtype)
@@ -383,24 +399,38 @@ class Engine:
   def advance(self, ds: DecodeState, params: SamplingParams, stop_step: int) -> DecodeState:
     """Decodes until `stop_step` tokens are generated (or every row is done)."""
     return _decode(self.state, ds, jnp.int32(min(stop_step, params.max_new_tokens)),
-                   jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.int32(self.eos_token_id),
+                   jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), self._end_ids(params),
                    jnp.int32(self.pad_token_id), graphdef=self.graphdef, greedy=params.greedy,
                    ignore_eos=params.ignore_eos, decode_attention=self.decode_attention, k_splits=self.k_splits)
 
+  def end_ids(self, params: SamplingParams) -> tuple[int, ...]:
+    """The ids that end a row: the EOS ids and the stop token ids (none with `ignore_eos`)."""
+    return () if params.ignore_eos else tuple(dict.fromkeys(self.eos_token_ids + params.stop_token_ids))
+
+  def _end_ids(self, params: SamplingParams) -> jax.Array:
+    # ignore_eos never reads them; an id outside the vocabulary keeps the shape non-empty.
+    return jnp.asarray(self.end_ids(params) or (-1,), jnp.int32)
+
   def generate_ids(self, requests: Sequence[Request], params: SamplingParams = SamplingParams()
                    ) -> list[list[int]]:
-    """Generated token ids per request, ending with the EOS token where one was produced (no stop strings)."""
+    """Generated token ids per request, ending with the EOS (or stop) token where one was produced (no stop
+    strings)."""
     ds, n = self.start(requests, params)
     ds = self.advance(ds, params, params.max_new_tokens)
     tokens, step = np.asarray(ds.tokens), int(ds.step)
-    return [_until_eos(tokens[i, :step], None if params.ignore_eos else self.eos_token_id) for i in range(n)]
+    ends = self.end_ids(params)
+    return [_through_first_end(tokens[i, :step], ends) for i in range(n)]
 
 
-def _until_eos(ids: np.ndarray, eos: int | None) -> list[int]:
+def _first_end(ids: Sequence[int], ends: Sequence[int]) -> int | None:
+  """Index of the first id in `ends`, or None."""
+  return next((k for k, x in enumerate(ids) if x in ends), None)
+
+
+def _through_first_end(ids: np.ndarray, ends: Sequence[int]) -> list[int]:
   ids = [int(x) for x in ids]
-  if eos is not None and eos in ids:
-    return ids[:ids.index(eos) + 1]
-  return ids
+  k = _first_end(ids, ends)
+  return ids if k is None else ids[:k + 1]
 
 
 class Generator:
@@ -427,16 +457,34 @@ class Generator:
 
   @property
   def stop_strings(self) -> tuple[str, ...]:
-    """The template's end-of-turn string, unless it is the EOS token's text (Vicuna's '</s>'), which ends
+    """The template's end-of-turn string, unless it is an EOS token's text (Vicuna's '</s>'), which ends
     generation on the device without the host checking text between chunks."""
     end = self.template.end_of_turn
-    eos_text = self.tokenizer.convert_ids_to_tokens(self.engine.eos_token_id)
-    return () if end == eos_text else (end,)
+    eos_texts = self.tokenizer.convert_ids_to_tokens(list(self.engine.eos_token_ids))
+    return () if end in eos_texts else (end,)
+
+  def special_token_id(self, text: str) -> int | None:
+    """The id of `text` if it is one special (or added) token of the tokenizer, e.g. '<|im_end|>'; else None."""
+    added = self.tokenizer.get_added_vocab()
+    if text in added:
+      return int(added[text])
+    if text in self.tokenizer.all_special_tokens:
+      return int(self.tokenizer.convert_tokens_to_ids(text))
+    return None
 
   def params(self, **kw) -> SamplingParams:
-    """SamplingParams with the template's stop strings added to `stop_strings`."""
-    stops = tuple(kw.pop("stop_strings", ())) + self.stop_strings
-    return SamplingParams(stop_strings=tuple(dict.fromkeys(stops)), **kw)
+    """SamplingParams(**kw) with the template's stop strings added (`with_stops`)."""
+    return self.with_stops(SamplingParams(**kw))
+
+  def with_stops(self, params: SamplingParams) -> SamplingParams:
+    """`params` with the template's stop strings added to `stop_strings`. Stop strings that are one special
+    token (ChatML's '<|im_end|>', Llama-3's '<|eot_id|>') become `stop_token_ids`: the text that stop strings
+    are matched against is decoded without special tokens, so they would never be found there."""
+    stops = tuple(dict.fromkeys(params.stop_strings + self.stop_strings))
+    ids = [self.special_token_id(s) for s in stops]
+    return dataclasses.replace(
+        params, stop_strings=tuple(s for s, i in zip(stops, ids) if i is None),
+        stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids + tuple(i for i in ids if i is not None))))
 
   def preprocess(self, image: Any) -> np.ndarray:
     """A path, encoded bytes or PIL image -> float32[S, S, 3] as the config says (a numpy array passes through)."""
@@ -472,9 +520,10 @@ class Generator:
     """Output of one row from its generated ids."""
     ids = [int(x) for x in ids]
     reason = "length"
-    eos = self.engine.eos_token_id
-    if not params.ignore_eos and eos in ids:
-      ids, reason = ids[:ids.index(eos)], "eos"
+    k = _first_end(ids, self.engine.end_ids(params))
+    if k is not None:
+      reason = "eos" if ids[k] in self.engine.eos_token_ids else "stop"
+      ids = ids[:k]
     text = self.decode(ids)
     cut = _find_stop(text, params.stop_strings)
     if cut is not None:

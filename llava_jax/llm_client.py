@@ -326,13 +326,18 @@ class ResumableJsonl:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """All records of a JSONL file; errors name the file and line."""
+  return [record for _, record in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
+  """(1-based line number, record) of each non-blank line of a JSONL file, for messages that name the line."""
   records = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     for i, line in enumerate(f):
       if not line.strip():
         continue
       try:
-        records.append(json.loads(line))
+        records.append((i + 1, json.loads(line)))
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
   return records

@@ -1,5 +1,7 @@
 """Generation against transformers: greedy tokens equal `LlavaForConditionalGeneration.generate` (fp32, left
 padding); sampling filters equal transformers' warpers; stop strings, EOS, streaming and bucketing."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,9 @@ from llava_jax import generate
 from llava_jax import generate_testing as testing
 from llava_jax import model_folder
 from llava_jax import sharding
+from llava_jax.convert import to_hf
 from llava_jax.generate_testing import IMAGE_SIZE, hf_greedy, random_image, tiny_hf_llava
+from llava_jax.models import config as model_config
 from llava_jax.models.config import IMAGE_TOKEN_INDEX
 
 
@@ -49,7 +53,7 @@ def test_greedy_matches_transformers(small, rows):
   requests = [mixed_requests()[i] for i in rows]
   got = engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=12))
   assert got == hf_greedy(hf, requests, 12)
-  assert all(len(g) == 12 or g[-1] == engine.eos_token_id for g in got)
+  assert all(len(g) == 12 or g[-1] in engine.eos_token_ids for g in got)
 
 
 def test_eos_ends_a_row_and_batch_rows_are_independent(small):
@@ -66,6 +70,32 @@ def test_eos_ends_a_row_and_batch_rows_are_independent(small):
   for row, ids in zip(free, got):
     assert ids == (row[:row.index(eos) + 1] if eos in row else row)
   assert got[0] == free[0][:4]
+  # the same on the device from SamplingParams.stop_token_ids, and from a list of EOS ids
+  unused = next(i for i in range(100) if not any(i in row for row in free))
+  by_stop_id = engine.generate_ids(requests, generate.SamplingParams(max_new_tokens=10, stop_token_ids=(eos,)))
+  by_eos_list = generate.Engine(nnx.merge(engine.graphdef, engine.state), eos_token_id=[unused, eos]
+                                ).generate_ids(requests, generate.SamplingParams(max_new_tokens=10))
+  assert by_stop_id == by_eos_list == got
+
+
+def test_eos_lists_are_kept_from_the_hf_config():
+  """Llama-3-Instruct's generation config ends on <|end_of_text|> and <|eot_id|>: both ids end generation, and
+  the list survives the model folder's JSON."""
+  hf = transformers.LlamaConfig(eos_token_id=[128001, 128009])
+  text = model_config.TextConfig.from_hf(hf)
+  assert text.eos_token_ids == (128001, 128009)
+  cfg = model_config.ModelConfig(text=text)
+  assert model_config.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert model_config.TextConfig(eos_token_id=[7]).eos_token_ids == (7,)
+  small = model_config.ModelConfig(
+      text=model_config.TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=4, eos_token_id=[2, 7]),
+      vision=model_config.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=28))
+  exported = to_hf.hf_config(small, to_hf.VocabPlan(None, 60, 0, 64), np.dtype("float32"))  # checks read-back
+  assert json.loads(exported.to_json_string())["text_config"]["eos_token_id"] == [2, 7]
+  with pytest.raises(ValueError, match="empty"):
+    model_config.TextConfig(eos_token_id=[])
 
 
 def test_one_compile_per_bucket(small):
@@ -176,7 +206,7 @@ def test_prompt_from_template_and_image_matches_transformers(with_tokenizer):
   got = gen.engine.generate_ids([request], generate.SamplingParams(max_new_tokens=16))
   assert got == hf_greedy(hf, [request], 16)
   out = gen.generate([request], gen.params(max_new_tokens=16))[0]
-  assert out.token_ids == [t for t in got[0] if t != gen.engine.eos_token_id]
+  assert out.token_ids == [t for t in got[0] if t not in gen.engine.eos_token_ids]
   assert out.text == gen.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
@@ -227,6 +257,24 @@ def test_cli_prints_only_the_answer(with_tokenizer, model_dir, tmp_path, capsys,
   expected = gen.generate([gen.question("What is in the image?", [str(image)])], gen.params(max_new_tokens=16))[0]
   assert expected.text.strip()
   assert capsys.readouterr().out == expected.text.strip() + "\n"
+
+
+def test_special_token_stop_strings_end_rows_by_id(model_dir):
+  """ChatML's '<|im_end|>' as one special token: matching stop strings against text decoded without special
+  tokens would never find it, so it becomes a stop token id (the device ends the row; the output is cut before
+  it, reason 'stop'); a stop string the tokenizer has no token for stays a string."""
+  _, path = model_dir
+  gen = generate.Generator.from_folder(str(path), template="chatml_direct")
+  assert gen.stop_strings == ("<|im_end|>",)
+  assert gen.params().stop_token_ids == () and gen.params().stop_strings == ("<|im_end|>",)  # not a token here
+  gen.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+  end = gen.tokenizer.convert_tokens_to_ids("<|im_end|>")
+  params = gen.params(max_new_tokens=8, stop_strings=("END",))
+  assert params.stop_strings == ("END",) and params.stop_token_ids == (end,)
+  hello = gen.tokenizer("Hello there", add_special_tokens=False).input_ids
+  out = gen._finish(np.array(hello + [end] + hello), params)
+  assert out == generate.Output(hello, "Hello there", "stop")
+  assert gen._finish(np.array(hello + [end]), generate.SamplingParams(max_new_tokens=8)).finish_reason == "length"
 
 
 def test_template_stop_strings(with_tokenizer, model_dir):

@@ -110,7 +110,8 @@ def hf_config(cfg: ModelConfig, plan: VocabPlan, dtype: np.dtype):
       num_key_value_heads=t.num_key_value_heads, head_dim=t.head_size, rms_norm_eps=t.rms_norm_eps,
       rope_parameters=rope, max_position_embeddings=t.max_position_embeddings,
       tie_word_embeddings=t.tie_word_embeddings, attention_bias=t.attention_bias, mlp_bias=t.mlp_bias,
-      bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=plan.pad_token_id)
+      bos_token_id=t.bos_token_id, pad_token_id=plan.pad_token_id,
+      eos_token_id=list(t.eos_token_ids) if len(t.eos_token_ids) > 1 else t.eos_token_ids[0])
   vision = transformers.CLIPVisionConfig(
       hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
       num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,

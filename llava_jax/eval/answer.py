@@ -1,7 +1,11 @@
 r"""Answer files in LLaVA's `model_vqa` format: batched generation over a question file, resumable.
 
   python -m llava_jax.eval.answer --model DIR --questions Q.jsonl --image-folder F --answers A.jsonl \
-      [--batch-size 8] [--temperature 0] [--top-p 1] [--max-new-tokens 128] [--model-id NAME]
+      [--batch-size 8] [--temperature 0] [--top-p 1] [--max-new-tokens 1024] [--model-id NAME]
+
+--max-new-tokens defaults to 1024, as LLaVA's `model_vqa.py` and `model_vqa_science.py` (LLaVA-Bench, MM-Vet,
+ScienceQA); its `model_vqa_loader.py` (VQAv2, GQA, TextVQA, POPE, MME, ...) uses 128: pass `--max-new-tokens 128`
+there. Rows end at EOS either way; the limit sets the KV cache length.
 
 Questions: one JSON object a line, {question_id, text, image?, category?}; `image` is a path relative to
 --image-folder; a question without one is asked text-only. The prompt is the model folder's template around
@@ -31,8 +35,8 @@ from llava_jax import llm_client
 def read_questions(path: str | os.PathLike) -> list[dict[str, Any]]:
   """The question records; errors name the file and line (missing or ill-typed keys, repeated question_id)."""
   questions, seen = [], {}
-  for i, record in enumerate(llm_client.read_jsonl(path)):
-    where = f"{path}: record {i + 1}"
+  for line, record in llm_client.read_jsonl_lines(path):
+    where = f"{path}:{line}"
     if not isinstance(record, dict):
       raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in ("question_id", "text"):
@@ -44,9 +48,11 @@ def read_questions(path: str | os.PathLike) -> list[dict[str, Any]]:
     if image is not None and (not isinstance(image, str) or not image):
       raise ValueError(f"{where}: 'image' must be a non-empty string (a path under --image-folder), got {image!r}")
     qid = record["question_id"]
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+      raise ValueError(f"{where}: question_id must be a string or an integer, got {qid!r}")
     if qid in seen:
-      raise ValueError(f"{where}: question_id {qid!r} already used by record {seen[qid]}")
-    seen[qid] = i + 1
+      raise ValueError(f"{where}: question_id {qid!r} already used on line {seen[qid]}")
+    seen[qid] = line
     questions.append(record)
   return questions
 
@@ -105,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--answers", required=True, help="answer JSONL (appended to; existing answers are kept)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--model-id", default=None, help="model_id written (default: the model folder's name)")
-  generate.add_sampling_flags(parser)
+  generate.add_sampling_flags(parser, max_new_tokens=1024)  # LLaVA's model_vqa.py
   args = parser.parse_args(argv)
   logging.use_absl_handler()
   questions = read_questions(args.questions)

@@ -63,9 +63,9 @@ def _label(record: dict[str, Any], where: str) -> str:
 
 def _answers_by_id(path: str) -> dict[Any, str]:
   answers = {}
-  for i, r in enumerate(llm_client.read_jsonl(path)):
+  for line, r in llm_client.read_jsonl_lines(path):
     if "question_id" not in r or "text" not in r:
-      raise KeyError(f"{path}: record {i + 1} lacks 'question_id' or 'text'")
+      raise KeyError(f"{path}:{line}: lacks 'question_id' or 'text'")
     answers[r["question_id"]] = r["text"]
   return answers
 
@@ -73,8 +73,8 @@ def _answers_by_id(path: str) -> dict[Any, str]:
 def score_by_id(labels_path: str, answers_path: str) -> dict[str, dict[str, float]]:
   answers = _answers_by_id(answers_path)
   predictions, labels = [], []
-  for i, r in enumerate(llm_client.read_jsonl(labels_path)):
-    where = f"{labels_path}:{i + 1}"
+  for line, r in llm_client.read_jsonl_lines(labels_path):
+    where = f"{labels_path}:{line}"
     if r.get("question_id") not in answers:
       raise KeyError(f"{where}: no answer for question_id {r.get('question_id')!r} in {answers_path}")
     labels.append(_label(r, where))

@@ -138,9 +138,9 @@ def score(problems: dict[str, dict[str, Any]], pids: Sequence[str], answers: dic
 def load_answers(path: str) -> dict[str, str]:
   """question_id (as a string, like ScienceQA pids) -> text, from a `model_vqa` answer file."""
   answers = {}
-  for i, r in enumerate(llm_client.read_jsonl(path)):
+  for line, r in llm_client.read_jsonl_lines(path):
     if "question_id" not in r or "text" not in r:
-      raise KeyError(f"{path}: record {i + 1} lacks 'question_id' or 'text'")
+      raise KeyError(f"{path}:{line}: lacks 'question_id' or 'text'")
     answers[str(r["question_id"])] = r["text"]
   return answers
 

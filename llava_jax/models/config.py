@@ -58,16 +58,26 @@ class TextConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   bos_token_id: int = 1
-  eos_token_id: int = 2
+  eos_token_id: int | tuple[int, ...] = 2  # several for e.g. Llama-3-Instruct (<|end_of_text|>, <|eot_id|>)
   pad_token_id: int = 0
 
   def __post_init__(self):
+    if isinstance(self.eos_token_id, (list, tuple)):  # a list after a JSON round trip
+      ids = tuple(int(i) for i in self.eos_token_id)
+      if not ids:
+        raise ValueError("eos_token_id: an empty list")
+      object.__setattr__(self, "eos_token_id", ids[0] if len(ids) == 1 else ids)
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items())))
 
   @property
   def rope_scaling_dict(self) -> dict | None:
     return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    """Every token id that ends generation."""
+    return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
   @property
   def head_size(self) -> int:
@@ -90,7 +100,7 @@ class TextConfig:
       rope_scaling = {k: v for k, v in dict(rope_scaling).items() if k != "rope_theta"}
       if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
         rope_scaling = None
-    eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, (list, tuple)) else hf.eos_token_id
+    eos = hf.eos_token_id  # an id or a list of them
     return cls(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
                num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
                num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads,

@@ -44,8 +44,9 @@ def test_records_match_generations_on_hand_built_prompts(setup, tmp_path):
   assert answer.main(argv) == 0
   records = read(out)
   assert [r["question_id"] for r in records] == [q["question_id"] for q in questions]
-  # the same batches built by hand: '<image>\n' + text with the image, text alone without
-  requests = [gen.question(q["text"], [str(images / q["image"])] if "image" in q else []) for q in questions]
+  # the same batches built by hand as LLaVA's model_vqa.py does: '<image>\n' + text with the image, text alone
+  requests = [gen.request([("human", "<image>\n" + q["text"])], [str(images / q["image"])]) if "image" in q
+              else gen.request([("human", q["text"])]) for q in questions]
   params = gen.params(max_new_tokens=8)
   expected = [o.text.strip() for i in range(0, 7, 4) for o in gen.generate(requests[i:i + 4], params, min_rows=4)]
   assert any(expected)
@@ -99,15 +100,38 @@ def test_resume_from_half_file_with_cut_last_line(setup, tmp_path):
 
 def test_bad_question_files(tmp_path):
   bad = tmp_path / "q.jsonl"
-  bad.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n')
-  with pytest.raises(ValueError, match=r"q.jsonl: record 2: question_id 1 already used by record 1"):
+  bad.write_text('{"question_id": 1, "text": "a"}\n\n{"question_id": 1, "text": "b"}\n')  # line 2 is blank
+  with pytest.raises(ValueError, match=r"q.jsonl:3: question_id 1 already used on line 1"):
     answer.read_questions(bad)
   bad.write_text('{"question_id": 1}\n')
-  with pytest.raises(ValueError, match=r"record 1: missing key 'text'"):
+  with pytest.raises(ValueError, match=r"q.jsonl:1: missing key 'text'"):
     answer.read_questions(bad)
   bad.write_text('{"question_id": 1, "text": "a", "image": ""}\n')
-  with pytest.raises(ValueError, match=r"record 1: 'image' must be a non-empty string"):
+  with pytest.raises(ValueError, match=r"q.jsonl:1: 'image' must be a non-empty string"):
     answer.read_questions(bad)
+  bad.write_text('{"question_id": [1], "text": "a"}\n')
+  with pytest.raises(ValueError, match=r"q.jsonl:1: question_id must be a string or an integer, got \[1\]"):
+    answer.read_questions(bad)
+
+
+def test_default_answer_length_is_model_vqas(monkeypatch):
+  """LLaVA's model_vqa.py (LLaVA-Bench, MM-Vet) generates up to 1024 tokens; --max-new-tokens overrides it."""
+  captured = {}
+
+  class Stop(Exception):
+    pass
+
+  class FakeGenerator:
+    def params(self, **kw):
+      captured.update(kw)
+      raise Stop
+
+  monkeypatch.setattr(answer, "read_questions", lambda path: [])
+  monkeypatch.setattr(generate.Generator, "from_folder", staticmethod(lambda *a, **kw: FakeGenerator()))
+  for extra, expected in (([], 1024), (["--max-new-tokens", "128"], 128)):
+    with pytest.raises(Stop):
+      answer.main(["--model", "m", "--questions", "q", "--answers", "a", *extra])
+    assert captured["max_new_tokens"] == expected
 
 
 def test_missing_image_names_question_and_file(setup, tmp_path):
