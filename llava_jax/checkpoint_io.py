@@ -202,19 +202,35 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
         raise
       state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: no mmap
   except pickle.UnpicklingError as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    reason = re.sub(r"\s+", " ", str(e))
-    unsupported = re.search(r"Unsupported global: GLOBAL [\w.]+", reason)
-    raise UnsafeCheckpointError(
-        f"{path}: refused to load: torch.load(weights_only=True) found a pickle that is not a plain state dict "
-        f"({unsupported.group(0) if unsupported else first_line}). Such a file can run code when unpickled; "
-        "nothing from it was executed. Get a .safetensors copy of these weights instead.") from None
+    raise _refusal(path, str(e)) from None
   except Exception as e:
     raise CheckpointFormatError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
   if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
     kind = type(state).__name__ if not isinstance(state, dict) else "a dict holding non-tensor values"
     raise CheckpointFormatError(f"{path}: expected a flat dict of tensors (a state dict), found {kind}")
   return state
+
+
+# torch >= 2.6: "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."; for other classes
+# (and older torch): "Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default."
+_BLOCKED_GLOBAL = re.compile(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", re.DOTALL)
+
+
+def _refusal(path: pathlib.Path, message: str) -> CheckpointFormatError:
+  """The error for a `torch.load(weights_only=True)` UnpicklingError, without torch's advice to load the file with
+  weights_only=False: UnsafeCheckpointError when the pickle names a blocked global (it would import and call it),
+  else CheckpointFormatError (the bytes are not a pickle that torch's restricted unpickler can read)."""
+  blocked = _BLOCKED_GLOBAL.search(message)
+  if blocked:
+    return UnsafeCheckpointError(
+        f"{path}: refused to load: torch.load(weights_only=True) found a pickle that is not a plain state dict "
+        f"(it references {blocked.group(1)}). Such a file can run code when unpickled; nothing from it was "
+        "executed. Get a .safetensors copy of these weights instead.")
+  detail = _UNPICKLER_ERROR.search(message)
+  detail = re.sub(r"\s+", " ", detail.group(1)) if detail else "not a pickled state dict"
+  return CheckpointFormatError(f"{path}: cannot read as a PyTorch checkpoint ({detail}); the file is corrupt or "
+                               "not a torch.save file")
 
 
 # --- Writing ---------------------------------------------------------------------------------------------------------

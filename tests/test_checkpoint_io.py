@@ -57,6 +57,32 @@ def test_bad_files(tmp_path):
     checkpoint_io.open_state_dict(tmp_path / "empty")
 
 
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f"touch {self.marker}",)
+
+
+def test_bin_refusals_name_the_global_and_never_advise_weights_only_false(tmp_path):
+  """A pickle calling os.system (both torch formats) is unsafe and names the global; b"garbage" is just unreadable.
+  Neither message passes on torch's advice to re-run with weights_only=False."""
+  marker = tmp_path / "pwned"
+  payload = {"a": torch.zeros(2), "x": _RunsCode(marker)}
+  torch.save(payload, tmp_path / "zip.bin")
+  torch.save(payload, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+  for name in ("zip.bin", "legacy.bin"):
+    with pytest.raises(checkpoint_io.UnsafeCheckpointError, match=rf"{name}: refused .*references posix\.system") as e:
+      checkpoint_io.open_state_dict(tmp_path / name)
+    assert "False" not in str(e.value)
+  assert not marker.exists()
+  (tmp_path / "garbage.bin").write_bytes(b"garbage" * 100)
+  with pytest.raises(checkpoint_io.CheckpointFormatError, match="garbage.bin: cannot read as a PyTorch checkpoint") as e:
+    checkpoint_io.open_state_dict(tmp_path / "garbage.bin")
+  assert not isinstance(e.value, checkpoint_io.UnsafeCheckpointError) and "False" not in str(e.value)
+
+
 def test_sharded_writer(tmp_path):
   tensors = [(f"t{i}", np.full((250,), i, np.float32)) for i in range(5)]  # 1000 bytes each
   names = checkpoint_io.write_sharded_safetensors(iter(tensors), tmp_path, max_shard_bytes=2500)
