@@ -466,6 +466,38 @@ def test_input_errors(original, original_converted, llava_hf, tmp_path, capsys):
   assert not (tmp_path / "a").exists()
 
 
+def _edited_copy(folder, dest, edit):
+  """`folder` copied to `dest` with its config.json passed through `edit(config)`."""
+  shutil.copytree(folder, dest)
+  config = json.loads((dest / "config.json").read_text())
+  edit(config)
+  (dest / "config.json").write_text(json.dumps(config))
+  return dest
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 5e4}
+
+
+def test_settings_the_model_does_not_implement_are_refused(original, llava_hf, parts, tmp_path, capsys):
+  """Rope scaling types other than linear / llama3 and an unknown mm_vision_select_feature: exit 2 at conversion,
+  naming the field and value, instead of a model folder whose first forward pass fails."""
+  folder, clip, _ = original
+  src = _edited_copy(folder, tmp_path / "yarn", lambda c: c.update(rope_parameters=YARN))
+  code, out = run(["from-hf", src, "--output", tmp_path / "a", "--vision", clip], capsys)
+  assert code == 2 and "rope_scaling" in out.err and "'yarn'" in out.err and "linear, llama3" in out.err, out.err
+  dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e4}
+  src = _edited_copy(llava_hf[0], tmp_path / "dynamic", lambda c: c["text_config"].update(rope_parameters=dynamic))
+  code, out = run(["from-hf", src, "--output", tmp_path / "a"], capsys)
+  assert code == 2 and "'dynamic'" in out.err and "linear, llama3" in out.err, out.err
+  llm = _edited_copy(parts[2], tmp_path / "llm", lambda c: c.update(rope_parameters=YARN))
+  code, out = run(["assemble", "--vision", parts[0], "--llm", llm, "--output", tmp_path / "a"], capsys)
+  assert code == 2 and "llm/config.json: rope_scaling" in out.err and "'yarn'" in out.err, out.err
+  src = _edited_copy(folder, tmp_path / "full", lambda c: c.update(mm_vision_select_feature="full"))
+  code, out = run(["from-hf", src, "--output", tmp_path / "a", "--vision", clip], capsys)
+  assert code == 2 and "mm_vision_select_feature 'full' is not supported (patch | cls_patch)" in out.err, out.err
+  assert not (tmp_path / "a").exists()
+
+
 def test_to_hf_refuses_projectors_llava_hf_cannot_hold(parts, tmp_path, capsys):
   clip_dir, _, llm_dir, _ = parts
   assert run(["assemble", "--vision", clip_dir, "--llm", llm_dir, "--projector-type", "linear", "--output",

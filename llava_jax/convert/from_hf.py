@@ -76,6 +76,7 @@ def from_hf(args: argparse.Namespace) -> int:
       tensors = loaders.MergedView(view, loaders.canonical_tensors(checkpoint_io.open_state_dict(vision_dir),
                                                                     "clip"))
       print(f"vision tower weights: from {vision_dir}")
+  sources.check_rope_scaling(cfg.text, str(src / "config.json"))
   cfg = sources.override(cfg, template=args.template or "vicuna_v1", image_aspect_ratio=args.image_aspect_ratio)
   tokenizer_dir = _tokenizer_dir(src, args.tokenizer)
   if args.tokenizer and tokenizer_dir is None:
@@ -100,6 +101,7 @@ def assemble(args: argparse.Namespace) -> int:
       template=args.template or ("vicuna_v1" if stage2 else "plain"),
       image_aspect_ratio=args.image_aspect_ratio or ("pad" if stage2 else "square"),
       **{k: v for k, v in settings.items() if k in ("image_mean", "image_std")})
+  sources.check_rope_scaling(cfg.text, str(llm_dir / "config.json"))
   try:
     model_folder.abstract_model(cfg)
   except ValueError as e:  # unknown projector type, select layer out of range, identity with unequal widths

@@ -120,14 +120,29 @@ def original_config(src: pathlib.Path, vision: VisionConfig) -> ModelConfig:
                           f"hidden_size is {vision.hidden_size}")
   if "mm_vision_select_layer" not in config:
     raise ConversionError(f"{where}: no mm_vision_select_layer")
+  select = config.get("mm_vision_select_feature", "patch")
+  if select not in ("patch", "cls_patch"):
+    raise ConversionError(f"{where}: mm_vision_select_feature {select!r} is not supported (patch | cls_patch)")
   llama_fields = {k: v for k, v in config.items()
                   if not k.startswith("mm_") and k not in ("model_type", "architectures", "_name_or_path",
                                                            "transformers_version", "auto_map")}
   text = TextConfig.from_hf(transformers.LlamaConfig(**llama_fields))
   return ModelConfig(vision=vision, text=text, projector_type=config.get("mm_projector_type", "linear"),
                      vision_feature_layer=int(config["mm_vision_select_layer"]),
-                     vision_feature_select=config.get("mm_vision_select_feature", "patch"),
+                     vision_feature_select=select,
                      image_token_id=None, image_aspect_ratio=aspect)
+
+
+def check_rope_scaling(text: TextConfig, where: str) -> None:
+  """Raises ConversionError unless the model computes `text.rope_scaling` (its inverse frequencies are computed
+  once, as the first forward pass would)."""
+  from llava_jax.models import layers
+  try:
+    layers.rope_inverse_frequencies(text.head_size, text.rope_theta, text.rope_scaling_dict)
+  except KeyError as e:
+    raise ConversionError(f"{where}: rope_scaling {text.rope_scaling_dict}: no {e} (its type needs it)") from e
+  except (ValueError, TypeError) as e:  # an unsupported type (the message lists the supported ones), a bad value
+    raise ConversionError(f"{where}: rope_scaling {text.rope_scaling_dict}: {e}") from e
 
 
 def override(cfg: ModelConfig, **settings) -> ModelConfig:
