@@ -192,6 +192,25 @@ def test_from_hf_llava_hf_logits_equal_transformers(llava_hf, tmp_path, capsys):
                              hf_logits(model, hf_ids, image), rtol=1e-5, atol=1e-5)
 
 
+def test_from_hf_tied_by_the_top_level_config_logits_equal_transformers(tmp_path, capsys):
+  """transformers 5 ties lm_head by LlavaConfig.tie_word_embeddings, even when text_config's is False, and then saves
+  no lm_head."""
+  torch.manual_seed(4)
+  text = text_config(32064)
+  text.tie_word_embeddings = False
+  config = transformers.LlavaConfig(vision_config=vision_config(), text_config=text, image_token_index=HF_IMAGE,
+                                    image_seq_length=N_IMG, tie_word_embeddings=True)
+  transformers.LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "hf")
+  assert not any("lm_head" in k for k in load_file(str(tmp_path / "hf" / "model.safetensors")))
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+  code, out = run(["from-hf", tmp_path / "hf", "--output", tmp_path / "m"], capsys)
+  assert code == 0, out.err
+  assert model_folder.load_config(tmp_path / "m").text.tie_word_embeddings
+  ours, hf_ids, image = sample(HF_IMAGE)
+  np.testing.assert_allclose(our_logits(tmp_path / "m", ours, image, hf_ids.shape[1]),
+                             hf_logits(model, hf_ids, image), rtol=1e-5, atol=1e-5)
+
+
 def test_from_hf_original_layout_bin_shards_with_vision_folder(original, original_converted):
   _, _, model = original
   cfg = model_folder.load_config(original_converted)

@@ -165,7 +165,12 @@ class ModelConfig:
     act = getattr(hf, "projector_hidden_act", "gelu")
     if act != "gelu":
       raise ValueError(f"unsupported projector_hidden_act {act!r} (LLaVA uses exact gelu)")
-    kw = dict(vision=VisionConfig.from_hf(hf.vision_config), text=TextConfig.from_hf(hf.text_config),
+    text = TextConfig.from_hf(hf.text_config)
+    # transformers 5 ties LlavaForConditionalGeneration's lm_head to the embeddings when the top-level
+    # LlavaConfig.tie_word_embeddings is set (LlavaConfig sets it when text_config's is): a tied checkpoint saves
+    # no lm_head, whatever text_config says.
+    tie = bool(getattr(hf, "tie_word_embeddings", False) or text.tie_word_embeddings)
+    kw = dict(vision=VisionConfig.from_hf(hf.vision_config), text=dataclasses.replace(text, tie_word_embeddings=tie),
               projector_type="mlp2x_gelu", vision_feature_layer=int(layer),
               vision_feature_select="patch" if strategy == "default" else "cls_patch",
               image_token_id=hf.image_token_index)
