@@ -370,6 +370,33 @@ def test_to_hf_from_original_loads_in_transformers(original, original_hf):
       f"{system} USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:")
 
 
+def _edited_model_folder(folder, dest, edit):
+  """A copy of model folder `folder` whose config.json's "model" settings went through `edit(settings)`."""
+  shutil.copytree(folder, dest)
+  config = json.loads((dest / "config.json").read_text())
+  edit(config["model"])
+  (dest / "config.json").write_text(json.dumps(config))
+  return dest
+
+
+def test_to_hf_old_style_rope_scaling_and_settings_llava_hf_cannot_hold(original_converted, tmp_path, capsys):
+  """{"type": "linear"} (the pre-rope_type key) keeps its factor in transformers; a setting that would not read
+  back is an input error naming it, not an assertion."""
+  old_style = {"type": "linear", "factor": 2.0}
+  src = _edited_model_folder(original_converted, tmp_path / "linear",
+                             lambda m: m["text"].update(rope_scaling=old_style))
+  code, out = run(["to-hf", src, "--output", tmp_path / "hf"], capsys)
+  assert code == 0, out.err
+  text = transformers.LlavaConfig.from_pretrained(tmp_path / "hf").text_config
+  assert text.rope_parameters["rope_type"] == "linear" and text.rope_parameters["factor"] == 2.0
+  inv_freq = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(text).inv_freq.numpy()
+  np.testing.assert_allclose(inv_freq, 1 / 5e4 ** (np.arange(0, 8, 2) / 8) / 2, rtol=1e-6)
+  src = _edited_model_folder(original_converted, tmp_path / "select", lambda m: m.update(vision_feature_select="x"))
+  code, out = run(["to-hf", src, "--output", tmp_path / "hf2"], capsys)
+  assert code == 2 and "vision_feature_select: model 'x', llava-hf 'cls_patch'" in out.err, out.err
+  assert not (tmp_path / "hf2").exists()
+
+
 def test_from_hf_to_hf_round_trip_is_exact(llava_hf, tmp_path):
   folder, _ = llava_hf
   assert run(["from-hf", folder, "--output", tmp_path / "m"])[0] == 0

@@ -97,13 +97,15 @@ def plan_vocab(cfg: ModelConfig, tokenizer: Any, where: str) -> VocabPlan:
 
 
 def hf_config(cfg: ModelConfig, plan: VocabPlan, dtype: np.dtype):
-  """transformers.LlavaConfig of the written model; checked to read back as `cfg` (new vocabulary aside)."""
+  """transformers.LlavaConfig of the written model; checked to read back as `cfg` (new vocabulary aside, the rope
+  scaling type under 'rope_type'), else ConversionError naming the settings that differ."""
   import transformers
   if cfg.projector_type != "mlp2x_gelu":
     raise ConversionError(f"projector_type {cfg.projector_type!r}: llava-hf's LlavaMultiModalProjector is "
                           "Linear-GELU-Linear (mlp2x_gelu) only")
   v, t = cfg.vision, cfg.text
-  rope = {"rope_type": "default", "rope_theta": t.rope_theta, **(t.rope_scaling_dict or {})}
+  scaling = _rope_scaling(t.rope_scaling_dict)
+  rope = {"rope_type": "default", **(scaling or {}), "rope_theta": t.rope_theta}
   text = transformers.LlamaConfig(
       vocab_size=plan.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
       num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
@@ -126,13 +128,31 @@ def hf_config(cfg: ModelConfig, plan: VocabPlan, dtype: np.dtype):
   config.dtype = str(dtype)
   expected = dataclasses.replace(cfg, image_token_id=plan.image_token_id, text=dataclasses.replace(
       t, vocab_size=plan.vocab_size, pad_token_id=plan.pad_token_id if plan.pad_token_id is not None else 0,
-      head_dim=t.head_size))
+      head_dim=t.head_size, rope_scaling=scaling))
   back = ModelConfig.from_hf_llava(config, template=cfg.template, image_aspect_ratio=cfg.image_aspect_ratio,
                                    image_mean=cfg.image_mean, image_std=cfg.image_std)
   back = dataclasses.replace(back, text=dataclasses.replace(back.text, head_dim=back.text.head_size))
   if back != expected:
-    raise AssertionError(f"the llava-hf config does not read back as the model's settings:\n{back}\n{expected}")
+    raise ConversionError(f"settings that transformers' LlavaConfig cannot hold (the llava-hf config reads back "
+                          f"otherwise): {_differences(back, expected)}")
   return config
+
+
+def _rope_scaling(scaling: dict | None) -> dict | None:
+  """`scaling` with its type under 'rope_type' (transformers 5's key; older configs say 'type')."""
+  if not scaling:
+    return None
+  scaling = dict(scaling)
+  kind = scaling.pop("type", None)
+  return {**scaling, "rope_type": scaling.get("rope_type", kind)}
+
+
+def _differences(got: ModelConfig, expected: ModelConfig) -> str:
+  """'text.rope_scaling: model X, llava-hf Y; ...' over the settings where the two configs differ."""
+  sections = [("", got, expected), ("vision.", got.vision, expected.vision), ("text.", got.text, expected.text)]
+  return "; ".join(f"{prefix}{f.name}: model {getattr(e, f.name)!r}, llava-hf {getattr(g, f.name)!r}"
+                   for prefix, g, e in sections for f in dataclasses.fields(e)
+                   if not dataclasses.is_dataclass(getattr(e, f.name)) and getattr(g, f.name) != getattr(e, f.name))
 
 
 def image_processor(cfg: ModelConfig):
