@@ -8,6 +8,7 @@ from flax import nnx
 from llava_jax.models import loaders
 from llava_jax.models.clip import CLIPVisionTransformer
 from llava_jax.models.config import RuntimeConfig, VisionConfig
+from tests.parity import assert_fp32_close
 
 
 def _hf_clip(image_size=28, patch_size=14, layers=3, seed=0):
@@ -34,7 +35,7 @@ def test_every_hidden_state_matches(scan, image_size, patch_size):
   _, ours_all = ours(pixels.transpose(0, 2, 3, 1), return_all=True)
   assert ours_all.shape[0] == len(ref.hidden_states)
   for i, ref_h in enumerate(ref.hidden_states):
-    np.testing.assert_allclose(np.asarray(ours_all[i]), ref_h.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"hidden {i}")
+    assert_fp32_close(ours_all[i], ref_h.numpy(), err_msg=f"hidden {i}")
 
 
 @pytest.mark.parametrize("select_layer,select", [(-2, "patch"), (-2, "cls_patch"), (-1, "patch"), (1, "patch")])
@@ -46,7 +47,7 @@ def test_llava_feature_selection(select_layer, select):
     hidden = hf(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[select_layer].numpy()
   expected = hidden[:, 1:] if select == "patch" else hidden
   got = ours.features(pixels.transpose(0, 2, 3, 1), select_layer, select)
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  assert_fp32_close(got, expected)
 
 
 def test_full_clip_model_keys_text_tower_ignored():
@@ -62,7 +63,7 @@ def test_full_clip_model_keys_text_tower_ignored():
   pixels = np.random.RandomState(2).randn(1, 3, 28, 28).astype(np.float32)
   with torch.no_grad():
     ref = full.vision_model(torch.from_numpy(pixels)).last_hidden_state.numpy()
-  np.testing.assert_allclose(np.asarray(model(pixels.transpose(0, 2, 3, 1))), ref, rtol=1e-5, atol=1e-5)
+  assert_fp32_close(model(pixels.transpose(0, 2, 3, 1)), ref)
 
 
 def test_shape_mismatch_and_missing_keys_are_listed():

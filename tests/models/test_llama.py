@@ -10,6 +10,7 @@ from flax import nnx
 from llava_jax.models import loaders
 from llava_jax.models.config import RuntimeConfig, TextConfig
 from llava_jax.models.llama import KVCache, LlamaModel
+from tests.parity import assert_fp32_close
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -51,7 +52,7 @@ def test_logits_match(case):
     assert hf.config.rope_parameters["rope_type"] == "llama3"
   ours = _ours(hf)
   ids = np.random.RandomState(0).randint(0, 97, (2, 40)).astype(np.int64)
-  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), _hf_logits(hf, ids), rtol=1e-5, atol=1e-5)
+  assert_fp32_close(ours(jnp.asarray(ids)), _hf_logits(hf, ids))
 
 
 def test_config_reads_rope_settings():
@@ -76,8 +77,8 @@ def test_right_padded_batch(scan):
   got_masked = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool)))
   for b in range(3):
     n = mask[b].sum()
-    np.testing.assert_allclose(got[b, :n], ref[b, :n], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_masked[b, :n], ref[b, :n], rtol=1e-5, atol=1e-5)
+    assert_fp32_close(got[b, :n], ref[b, :n])
+    assert_fp32_close(got_masked[b, :n], ref[b, :n])
 
 
 def test_left_padded_batch():
@@ -88,8 +89,8 @@ def test_left_padded_batch():
   mask[0, :7] = 0
   ref = _hf_logits(hf, ids, mask)
   got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool)))
-  np.testing.assert_allclose(got[0, 7:], ref[0, 7:], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)
+  assert_fp32_close(got[0, 7:], ref[0, 7:])
+  assert_fp32_close(got[1], ref[1])
 
 
 @pytest.mark.parametrize("case", ["gqa", "llama3"])
@@ -120,8 +121,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(case):
     logits, cache = step(model_state, ids[:, t:t + 1], positions[:, t:t + 1], cache, t)
     outs.append(np.asarray(logits))
   incremental = np.concatenate(outs, axis=1)
-  np.testing.assert_allclose(incremental[0], full[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(incremental[1, 4:], full[1, 4:], rtol=1e-5, atol=1e-5)
+  assert_fp32_close(incremental[0], full[0])
+  assert_fp32_close(incremental[1, 4:], full[1, 4:])
 
 
 def test_recompute_elementwise_same_gradients_fewer_saved_values():

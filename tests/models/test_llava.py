@@ -10,6 +10,7 @@ from flax import nnx
 from llava_jax.models import loaders
 from llava_jax.models.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, RuntimeConfig
 from llava_jax.models.llava import LlavaModel, splice
+from tests.parity import assert_fp32_close
 
 IMAGE_TOKEN = 99  # llava-hf keeps '<image>' inside the vocabulary
 
@@ -67,7 +68,7 @@ def test_logits_match_transformers_mixed_batch(scan):
   lengths = hf_mask.sum(1)
   for b, n in enumerate(lengths):
     n = min(n, ids.shape[1])
-    np.testing.assert_allclose(np.asarray(logits[b, :n]), ref[b, :n], rtol=1e-5, atol=1e-5, err_msg=f"row {b}")
+    assert_fp32_close(logits[b, :n], ref[b, :n], err_msg=f"row {b}")
     assert np.asarray(spliced.mask[b]).sum() == n
 
 
@@ -89,7 +90,7 @@ def test_full_length_output_and_labels():
   hidden, _ = ours.language_model.decode(spliced.embeds, spliced.positions)
   logits = np.asarray(ours.language_model.logits(hidden))
   for b, n in enumerate(hf_mask.sum(1)):
-    np.testing.assert_allclose(logits[b, :n], ref[b, :n], rtol=1e-5, atol=1e-5)
+    assert_fp32_close(logits[b, :n], ref[b, :n])
 
 
 def test_text_only_batch_never_runs_vision_tower(monkeypatch):
@@ -103,7 +104,7 @@ def test_text_only_batch_never_runs_vision_tower(monkeypatch):
   assert not calls
   with torch.no_grad():
     ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask)).logits
-  np.testing.assert_allclose(np.asarray(logits[0]), ref[0].numpy(), rtol=1e-5, atol=1e-5)
+  assert_fp32_close(logits[0], ref[0].numpy())
 
 
 def test_splice_truncates_after_expansion_and_pads_left():
