@@ -58,7 +58,7 @@ def save_model_folder(path: str | os.PathLike, cfg: ModelConfig, params: Any, *,
   """
   if tokenizer is not None and tokenizer_source_dir is not None:
     raise ValueError("give tokenizer or tokenizer_source_dir, not both")
-  path = epath.Path(path)
+  path = absolute_path(path)
   if path.exists() and not overwrite:
     raise ModelFolderError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
   extra = dict(extra or {})
@@ -109,6 +109,12 @@ def _no_copy_registry():
   return handlers.create_type_handler_registry(
       (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)),
       *[(t, handlers.get_type_handler(t)) for t in (jax.Array, int, float, np.number)])
+
+
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+  """`path` made absolute against the working directory (orbax rejects relative paths); URLs stay as given."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
 
 
 def _sync(name: str) -> None:
@@ -227,7 +233,7 @@ def check_params(tree: Mapping, abstract: Mapping, where: str, *, check_dtype: b
 
 
 def _params_dir(path: str | os.PathLike) -> epath.Path:
-  params = epath.Path(path) / PARAMS_DIR
+  params = absolute_path(path) / PARAMS_DIR
   if not params.exists():
     raise ModelFolderError(f"{path}: the model folder has no {PARAMS_DIR}/ (orbax checkpoint of the parameters)")
   return params

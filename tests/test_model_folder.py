@@ -85,6 +85,18 @@ def test_load_params_for_a_trainer(tmp_path):
   assert_same(restored, params, cast=jax.numpy.bfloat16)
 
 
+def test_relative_paths_save_and_load(tmp_path, monkeypatch):
+  # the presets' init_model="models/..." and `--workdir=runs/stage1` are relative; orbax wants absolute paths
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs").mkdir()
+  params = random_params(3)
+  model_folder.save_model_folder("runs/m", CFG, params)
+  model_folder.save_model_folder("runs/m", CFG, params, overwrite=True)
+  assert sorted(os.listdir(tmp_path / "runs")) == ["m"]
+  assert_same(nnx.state(model_folder.load_model("runs/m"), nnx.Param).to_pure_dict(), params)
+  assert_same(model_folder.load_numpy_params("runs/m"), _str_keys(params))
+
+
 def test_tokenizer_saved_copied_and_loaded(tmp_path, llama_tokenizer_dir):
   params = random_params()
   tok = transformers.AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))

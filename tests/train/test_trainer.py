@@ -75,15 +75,16 @@ def _losses(workdir):
   return [by_step[s] for s in sorted(by_step)]
 
 
-def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_path):
+def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # relative workdirs and init_model, as the README's `--workdir=runs/stage1`
   cfg1 = make_config(1, data, num_train_steps=25)
-  result1 = trainer.train(cfg1, str(tmp_path / "s1"), devices=jax.devices()[:1])
+  result1 = trainer.train(cfg1, "s1", devices=jax.devices()[:1])
   assert np.mean(result1.losses[-5:]) < np.mean(result1.losses[:5])
   init = _params(result1.model_dir)
   assert os.path.exists(tmp_path / "s1" / "projector.safetensors")
 
   cfg2 = make_config(2, data, num_train_steps=25, init_model=result1.model_dir)
-  result2 = trainer.train(cfg2, str(tmp_path / "s2"), devices=jax.devices()[:1])
+  result2 = trainer.train(cfg2, "s2", devices=jax.devices()[:1])
   assert np.mean(result2.losses[-5:]) < np.mean(result2.losses[:5])
   final = _params(result2.model_dir)
   # each folder records the template and aspect it was trained with (generation builds the same prompt)
