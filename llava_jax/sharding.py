@@ -85,14 +85,19 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
   return P()
 
 
+def param_name(path: tuple) -> str:
+  """A jax key path of a parameter leaf -> its dotted name (e.g. 'projector.linears.0.bias'), the same for an
+  nnx.State (whose leaves end in a `.value` attribute) and its pure dict."""
+  parts = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+  return ".".join(str(p) for p in parts if p != "value")
+
+
 def state_shardings(state: Any, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, P]] = PARTITION_RULES) -> Any:
   """NamedShardings for every leaf of an nnx.State / nested dict of parameters (same tree structure)."""
 
   def one(path, leaf):
-    parts = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
-    name = ".".join(str(p) for p in parts if p != "value")
-    return NamedSharding(mesh, partition_spec(name, np.shape(leaf), mesh, rules))
+    return NamedSharding(mesh, partition_spec(param_name(path), np.shape(leaf), mesh, rules))
 
   return jax.tree_util.tree_map_with_path(one, state)
 

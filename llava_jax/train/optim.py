@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llava_jax import sharding
+
 # Stage presets: which top-level parts of LlavaModel are trained (everything else is frozen).
 STAGE_TRAINABLE = {1: ("projector",), 2: ("projector", "language_model")}
 
-_NO_DECAY = re.compile(r"(^|\.)(bias|scale|weight)$|norm|layrnorm|class_embedding|position_embedding")
+# No weight decay for biases and norm layers (LayerNorm scale and bias, RMSNorm weight; CLIP's `pre_layrnorm`
+# too), as transformers' Trainer.get_decay_parameter_names, which LLaVA's trainer uses.
+_NO_DECAY = re.compile(r"(^|\.)bias$|norm")
 
 
 def trainable_filter(parts: tuple[str, ...]):
@@ -25,13 +29,9 @@ def trainable_filter(parts: tuple[str, ...]):
 
 
 def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: matrices and the token embedding, not norms, biases or CLIP embeddings."""
-
-  def one(path, _):
-    name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    return not _NO_DECAY.search(name)
-
-  return jax.tree_util.tree_map_with_path(one, params)
+  """True where weight decay applies: matrices and embeddings, not biases or norms (same tree as `params`, an
+  nnx.State or its pure dict)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not _NO_DECAY.search(sharding.param_name(path)), params)
 
 
 def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
