@@ -197,14 +197,31 @@ def write_outputs(workdir: str, model_cfg: ModelConfig, trainable, frozen, token
   if stage == 1:
     projector = multihost_utils.process_allgather(nnx.State({"projector": params["projector"]}), tiled=True)
     if jax.process_index() == 0:
-      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-      abstract = nnx.eval_shape(lambda: LlavaModel(model_cfg, rngs=nnx.Rngs(0)))
-      tensors = {}
-      for key, value in loaders.export_tensors(projector, abstract, prefixes=("projector.",)):
-        _, index, kind = key.split(".")
-        tensors[f"model.mm_projector.{2 * int(index)}.{kind}"] = np.asarray(value, np.float32)
-      save_file(tensors, os.path.join(workdir, "projector.safetensors"))
+      save_projector(os.path.join(workdir, "projector.safetensors"), model_cfg, projector)
   return out_dir
+
+
+def save_projector(path: str, model_cfg: ModelConfig, projector: nnx.State) -> None:
+  """Writes the projector as LLaVA's stage-1 mm_projector file (safetensors, float32), whose keys LLaVA loads
+  with `mm_projector.load_state_dict(get_w(weights, 'mm_projector'))`.
+
+  projector: nnx.State {"projector": ...} of host-readable arrays.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: LlavaModel(model_cfg, rngs=nnx.Rngs(0)))
+  tensors = {}
+  for key, value in loaders.export_tensors(projector, abstract, prefixes=("projector.",)):
+    _, index, kind = key.split(".")
+    tensors[mm_projector_key(model_cfg.projector_type, int(index), kind)] = np.asarray(value, np.float32)
+  save_file(tensors, path)
+
+
+def mm_projector_key(projector_type: str, index: int, kind: str) -> str:
+  """LLaVA's name of the projector's `index`-th Linear's `kind` ('weight' / 'bias'): 'linear' is one nn.Linear
+  (`model.mm_projector.weight`); 'mlp{N}x_gelu' is nn.Sequential(Linear, GELU, Linear, ...), Linears at 0, 2, ..."""
+  if projector_type == "linear":
+    return f"model.mm_projector.{kind}"
+  return f"model.mm_projector.{2 * index}.{kind}"
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> TrainResult:

@@ -106,6 +106,30 @@ def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_pa
                                 init[("projector", "linears", "0", "kernel")].T)
 
 
+@pytest.mark.parametrize("projector_type", ["linear", "mlp2x_gelu"])
+def test_stage1_projector_file_loads_into_llavas_mm_projector(projector_type, tmp_path):
+  import dataclasses
+  import torch
+  from safetensors.torch import load_file
+  from llava_jax.models.projector import Projector
+  from tests.test_model_folder import CFG
+  cfg = dataclasses.replace(CFG, projector_type=projector_type)
+  ours = Projector(projector_type, cfg.vision.hidden_size, cfg.text.hidden_size, rngs=nnx.Rngs(3))
+  trainer.save_projector(str(tmp_path / "projector.safetensors"), cfg, nnx.State({"projector": nnx.state(ours)}))
+  # LLaVA's builder.py and its load of a stage-1 mm_projector file (strict load_state_dict of get_w(...))
+  d_in, d_out = cfg.vision.hidden_size, cfg.text.hidden_size
+  theirs = (torch.nn.Linear(d_in, d_out) if projector_type == "linear" else
+            torch.nn.Sequential(torch.nn.Linear(d_in, d_out), torch.nn.GELU(), torch.nn.Linear(d_out, d_out)))
+  weights = load_file(str(tmp_path / "projector.safetensors"))
+  get_w = lambda weights, keyword: {k.split(keyword + ".")[1]: v for k, v in weights.items() if keyword in k}
+  theirs.load_state_dict(get_w(weights, "mm_projector"), strict=True)
+  first = theirs if projector_type == "linear" else theirs[0]
+  np.testing.assert_array_equal(first.weight.detach().numpy(), np.asarray(ours.linears[0].kernel.value).T)
+  features = np.random.default_rng(0).standard_normal((5, d_in)).astype(np.float32)
+  np.testing.assert_allclose(theirs(torch.from_numpy(features)).detach().numpy(), ours(features), rtol=1e-5,
+                             atol=1e-6)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_optimizer_state_only_for_trainable_parameters(data, stage):
   from llava_jax.models.config import ModelConfig
