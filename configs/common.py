@@ -43,6 +43,15 @@ def llava_model(llm: str = "7b", image_size=336, projector_type="mlp2x_gelu", te
       template=template, image_aspect_ratio=aspect))
 
 
+def data_files_field() -> ml_collections.FieldReference:
+  """A path or a list of {path, image_folder, weight} dicts (README "Mixtures").
+
+  Typed `object`: a "" default would lock the field to str. On the command line config_flags then reads the value
+  as a Python literal (`--config.data.data_files="[{'path': 'a.json', 'weight': 2.0}]"`), keeping a plain path a
+  string; JSON text (with null / true) stays a string and is parsed by the trainer."""
+  return ml_collections.FieldReference("", field_type=object)
+
+
 def base(stage: int) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
@@ -62,10 +71,10 @@ def base(stage: int) -> ml_collections.ConfigDict:
       b2=0.999, eps=1e-8, max_grad_norm=1.0, state_dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(
-      data_files="", image_folder="", template="vicuna_v1", max_length=2048, length_buckets=(512, 1024, 1536, 2048),
-      aspect="pad", seed=0, shuffle=True, group_by_modality_length=True, bad_input="skip",
-      move_image_to_front=True, worker_count=0, read_threads=2))
-  c.eval_data_files = ""  # held-out split (same image_folder)
+      data_files=data_files_field(), image_folder="", template="vicuna_v1", max_length=2048,
+      length_buckets=(512, 1024, 1536, 2048), aspect="pad", seed=0, shuffle=True, group_by_modality_length=True,
+      bad_input="skip", move_image_to_front=True, worker_count=0, read_threads=2))
+  c.eval_data_files = data_files_field()  # held-out split (same image_folder)
   c.eval_every = 0
   c.eval_batch_size = 8
 

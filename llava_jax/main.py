@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llava_jax import distributed
+from llava_jax.data import records
 from llava_jax.train import planner  # defines --plan_devices, --plan_device_memory_gib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:preset]).",
@@ -39,11 +40,13 @@ def validate(config) -> None:
         f"  or from a released LLaVA: python -m llava_jax.convert from-hf SRC --output {config.init_model}")
   if not config.data.data_files:
     raise ConfigError("data.data_files is empty: set --config.data.data_files=PATH.json")
-  files = config.data.data_files
-  for spec in (files if isinstance(files, (list, tuple)) else [files]):
-    path = spec["path"] if isinstance(spec, dict) else spec
-    if not os.path.exists(path):
-      raise ConfigError(f"data file {path!r} does not exist")
+  try:
+    files = records.parse_data_files(records.config_data_files(config.data.data_files, "data.data_files"))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  for file in files:
+    if not os.path.exists(file.path):
+      raise ConfigError(f"data file {file.path!r} does not exist")
   if config.stage not in (1, 2):
     raise ConfigError(f"stage must be 1 or 2, got {config.stage}")
   if config.batch_size % config.accum_steps:

@@ -81,6 +81,21 @@ class DataFile:
   weight: float = 1.0
 
 
+def config_data_files(value: Any, key: str = "data_files") -> list:
+  """A config's data files as a list of paths / {path, image_folder, weight} dicts.
+
+  value: a path, a dict, a list of them, or such a list as JSON text (what a command line may carry).
+  key: the config key, for the error message.
+  """
+  if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{key}={value!r}: neither a path nor a JSON list of {{path, image_folder, weight}} "
+                       f"dicts ({e})") from e
+  return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def parse_data_files(spec: Any) -> list[DataFile]:
   """Data files from a path, a {path, image_folder, weight} dict, a `DataFile`, or a list of these."""
   if isinstance(spec, (str, os.PathLike, DataFile)) or hasattr(spec, "keys"):

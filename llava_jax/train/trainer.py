@@ -62,13 +62,15 @@ def build_model(config: ml_collections.ConfigDict, runtime: RuntimeConfig, mesh)
   return model, AutoTokenizer.from_pretrained(config.tokenizer)
 
 
-def data_config(config: ml_collections.ConfigDict, files: Any, **overrides) -> dict:
-  """The pipeline's settings: `data` with `image_folder` (LLaVA's --image_folder) applied to plain paths."""
+def data_config(config: ml_collections.ConfigDict, files: Any, *, key: str = "data.data_files", **overrides
+                ) -> dict:
+  """The pipeline's settings: `data` with `image_folder` (LLaVA's --image_folder) applied to plain paths.
+
+  files: the config's `key` (see `records.config_data_files`)."""
   cfg = config.data.to_dict()
   image_folder = cfg.pop("image_folder", "")
-  specs = files if isinstance(files, (list, tuple)) else [files]
   cfg["data_files"] = [{"path": f, "image_folder": image_folder or None} if isinstance(f, str) else dict(f)
-                       for f in specs]
+                       for f in records.config_data_files(files, key)]
   return cfg | overrides
 
 
@@ -364,7 +366,8 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
 
 def evaluate(config, tokenizer, model_cfg, eval_step, params, frozen, mesh) -> float:
   """Mean loss over the supervised tokens of the held-out split (one pass)."""
-  data_cfg = data_config(config, config.eval_data_files, batch_size=config.eval_batch_size // jax.process_count())
+  data_cfg = data_config(config, config.eval_data_files, key="eval_data_files",
+                         batch_size=config.eval_batch_size // jax.process_count())
   feeder = BatchFeeder(pipeline.make_eval_iterator(data_cfg, tokenizer, model_cfg), mesh, 1)
   total, count = 0.0, 0
   while True:

@@ -106,6 +106,32 @@ def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_pa
                                 init[("projector", "linears", "0", "kernel")].T)
 
 
+def test_data_files_mixture_from_python_and_command_line(data):
+  from absl import flags
+  from ml_collections import config_flags
+  folder = str(data["image_folder"])
+  mixture = [{"path": str(data["stage2"]), "image_folder": folder, "weight": 2.0},
+             {"path": str(data["stage1"]), "image_folder": folder, "weight": 0.5}]
+  cfg = make_config(2, data)
+  cfg.data.data_files = mixture  # the README's form, set from Python
+  assert trainer.data_config(cfg, cfg.data.data_files)["data_files"] == mixture
+
+  def from_command_line(value):
+    argv = ["main", f"--config={REPO}/configs/stage2.py:tiny", f"--config.data.data_files={value}"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values["config"].value
+    return trainer.data_config(config, config.data.data_files)["data_files"]
+
+  assert from_command_line(repr(mixture)) == mixture  # a Python literal
+  as_json = [dict(mixture[0], image_folder=None), mixture[1]]
+  assert from_command_line(json.dumps(as_json)) == as_json  # JSON text (null)
+  assert from_command_line(data["stage2"]) == [{"path": str(data["stage2"]), "image_folder": None}]
+  with pytest.raises(ValueError, match=r"data.data_files=.*neither a path nor a JSON list"):
+    from_command_line("[{'path': 'a.json'")
+
+
 @pytest.mark.parametrize("projector_type", ["linear", "mlp2x_gelu"])
 def test_stage1_projector_file_loads_into_llavas_mm_projector(projector_type, tmp_path):
   import dataclasses
