@@ -81,9 +81,10 @@ def pipeline_records_per_epoch(data_cfg: dict) -> int:
 
 
 def total_train_steps(config: ml_collections.ConfigDict) -> int:
+  """num_train_steps, or num_epochs of the pipeline's weighted epochs (a weight-2 file counts twice)."""
   if config.num_train_steps > 0:
     return config.num_train_steps
-  num_records = len(records.MixtureSource.from_files(data_config(config, config.data.data_files)["data_files"]))
+  num_records = pipeline_records_per_epoch(data_config(config, config.data.data_files))
   return max(1, math.floor(num_records * config.num_epochs / config.batch_size))
 
 

@@ -106,15 +106,18 @@ def test_stage1_then_stage2_loss_falls_and_frozen_parts_do_not_move(data, tmp_pa
                                 init[("projector", "linears", "0", "kernel")].T)
 
 
-def test_data_files_mixture_from_python_and_command_line(data):
+def test_weighted_mixture_from_python_and_command_line_and_its_epoch_steps(data):
   from absl import flags
   from ml_collections import config_flags
   folder = str(data["image_folder"])
   mixture = [{"path": str(data["stage2"]), "image_folder": folder, "weight": 2.0},
              {"path": str(data["stage1"]), "image_folder": folder, "weight": 0.5}]
-  cfg = make_config(2, data)
+  cfg = make_config(2, data, num_train_steps=-1, num_epochs=1.0, batch_size=8)
   cfg.data.data_files = mixture  # the README's form, set from Python
   assert trainer.data_config(cfg, cfg.data.data_files)["data_files"] == mixture
+  # an epoch visits a weight-2 file's records twice and a random half of a weight-0.5 file's (records.DataFile)
+  sizes = [len(json.load(open(f["path"]))) for f in mixture]
+  assert trainer.total_train_steps(cfg) == (2 * sizes[0] + round(0.5 * sizes[1])) // 8
 
   def from_command_line(value):
     argv = ["main", f"--config={REPO}/configs/stage2.py:tiny", f"--config.data.data_files={value}"]
