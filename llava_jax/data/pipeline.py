@@ -138,7 +138,8 @@ def image_buckets(cfg: DataConfig) -> tuple[int, ...]:
   return tuple(sorted(set(buckets)))
 
 
-def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+def round_up(n: int, buckets: tuple[int, ...]) -> int:
+  """The smallest of the ascending `buckets` >= n; beyond the last, a multiple of it."""
   for b in buckets:
     if b >= n:
       return b
@@ -348,9 +349,9 @@ def collate(rows: list[dict[str, Any]], *, batch_size: int, length_buckets: tupl
     raise ValueError(f"{len(rows)} rows for a batch of {batch_size}")
   real = [r for r in rows if not r["padding"] and not r["skip_reason"]]
   longest = max([r["num_tokens"] for r in real], default=0)
-  length = _bucket(longest, length_buckets)
+  length = round_up(longest, length_buckets)
   num_images = sum(len(r["images"]) for r in real)
-  count = _bucket(num_images, image_buckets)
+  count = round_up(num_images, image_buckets)
   batch = {
       "input_ids": np.full([batch_size, length], pad_id, np.int32),
       "labels": np.full([batch_size, length], IGNORE_INDEX, np.int32),

@@ -89,12 +89,17 @@ def total_train_steps(config: ml_collections.ConfigDict) -> int:
 
 
 class BatchFeeder:
-  """Turns this process's grain batches into global arrays [accum, B, ...] sharded over ('data', 'fsdp')."""
+  """Turns this process's grain batches into global arrays [accum, B, ...] sharded over ('data', 'fsdp').
+
+  image_buckets: the allowed image counts per process and micro-batch (`micro_batch_image_buckets`); the count is
+    rounded up to one, so the step compiles once per bucket, not once per count. None: the largest real count.
+  """
 
   KEYS = ("input_ids", "labels", "attention_mask", "images")
 
-  def __init__(self, iterator, mesh, accum_steps: int):
+  def __init__(self, iterator, mesh, accum_steps: int, image_buckets: tuple[int, ...] | None = None):
     self.iterator, self.mesh, self.accum = iterator, mesh, accum_steps
+    self.image_buckets = image_buckets
     self._reorder = {}  # images sharding -> jitted reordering (multi-process batches, see global_image_order)
 
   def _sharding(self, shape) -> NamedSharding:
@@ -117,14 +122,15 @@ class BatchFeeder:
     length = batch["input_ids"].shape[1]
     counts = np.array([m["images"].shape[0] for m in micro])  # real images of each micro-batch
     n_images = int(counts.max())
-    order = None
     if jax.process_count() > 1:  # every process must build the same global shapes
       gathered = multihost_utils.process_allgather(np.concatenate([[length, stop], counts]))  # [P, 2 + accum]
       if gathered[:, 1].any():
         self.iterator.set_state(before)
         return None
       length, n_images = int(gathered[:, 0].max()), int(gathered[:, 2:].max())
-      order = global_image_order(gathered[:, 2:], n_images)
+    if self.image_buckets is not None:
+      n_images = pipeline.round_up(n_images, self.image_buckets)
+    order = global_image_order(gathered[:, 2:], n_images) if jax.process_count() > 1 else None
     tokens = int(batch["num_tokens"].sum())
     proc = jax.process_count()
     out = {}
@@ -139,6 +145,12 @@ class BatchFeeder:
         self._reorder[target] = jax.jit(_take_images, out_shardings=target)
       out["images"] = self._reorder[target](out["images"], order)
     return out, tokens
+
+
+def micro_batch_image_buckets(data_cfg: dict, rows: int) -> tuple[int, ...]:
+  """The pipeline's image buckets for a micro-batch of `rows` rows (the padding images carry no placeholder, so
+  neither the splice nor the loss sees them)."""
+  return pipeline.image_buckets(pipeline.make_data_config(data_cfg, batch_size=rows))
 
 
 def global_image_order(counts: np.ndarray, n_images: int) -> np.ndarray | None:
@@ -271,7 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
                        in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, loss_chunk=config.loss_chunk))
-  feeder = BatchFeeder(iterator, mesh, accum)
+  feeder = BatchFeeder(iterator, mesh, accum, micro_batch_image_buckets(data_cfg, per_process))
   writer = metrics_lib.MetricsWriter(workdir, total_steps, start, description=f"stage {config.stage}")
   stop = {"signal": None}
 
@@ -369,7 +381,8 @@ def evaluate(config, tokenizer, model_cfg, eval_step, params, frozen, mesh) -> f
   """Mean loss over the supervised tokens of the held-out split (one pass)."""
   data_cfg = data_config(config, config.eval_data_files, key="eval_data_files",
                          batch_size=config.eval_batch_size // jax.process_count())
-  feeder = BatchFeeder(pipeline.make_eval_iterator(data_cfg, tokenizer, model_cfg), mesh, 1)
+  feeder = BatchFeeder(pipeline.make_eval_iterator(data_cfg, tokenizer, model_cfg), mesh, 1,
+                       micro_batch_image_buckets(data_cfg, data_cfg["batch_size"]))
   total, count = 0.0, 0
   while True:
     try:

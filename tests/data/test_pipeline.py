@@ -188,7 +188,7 @@ def test_buckets_and_text_only_batches(corpus, tokenizer, tiny_model_config, tmp
     _check_batch(batch, corpus, tokenizer, text_only, 96)
   # Image buckets: counts round up to a bucket, beyond the last to a multiple of it.
   assert pipeline.image_buckets(pipeline.make_data_config(_config(corpus, batch_size=8))) == (0, 2, 4, 8)
-  assert [pipeline._bucket(n, (0, 2, 4)) for n in (0, 1, 3, 4, 5, 9)] == [0, 2, 4, 4, 8, 12]
+  assert [pipeline.round_up(n, (0, 2, 4)) for n in (0, 1, 3, 4, 5, 9)] == [0, 2, 4, 4, 8, 12]
   with pytest.raises(ValueError, match="length_buckets"):
     pipeline.length_buckets(pipeline.make_data_config(_config(corpus, length_buckets=(128,))))
 

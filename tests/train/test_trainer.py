@@ -135,6 +135,57 @@ def test_weighted_mixture_from_python_and_command_line_and_its_epoch_steps(data)
     from_command_line("[{'path': 'a.json'")
 
 
+def _mixed_data_file(data, path):
+  """The stage-2 records with every third one made text-only (mix665k has a sixth text-only)."""
+  rows = json.load(open(data["stage2"]))
+  for row in rows[::3]:
+    del row["image"]
+    for turn in row["conversations"]:
+      turn["value"] = turn["value"].replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")
+  path.write_text(json.dumps(rows))
+  return str(path)
+
+
+def test_feeder_image_counts_take_the_pipeline_buckets_and_the_loss_is_unchanged(data, tmp_path):
+  import jax.numpy as jnp
+  from transformers import AutoTokenizer
+  from llava_jax import sharding
+  from llava_jax.data import pipeline
+  from llava_jax.models.config import IMAGE_TOKEN_INDEX, ModelConfig
+  from llava_jax.models.llava import LlavaModel
+  from llava_jax.train.step import loss_sum
+  cfg = make_config(2, data, **{"data.group_by_modality_length": False})
+  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  data_cfg = trainer.data_config(cfg, _mixed_data_file(data, tmp_path / "mixed.json"), batch_size=16,
+                                 num_epochs=None)
+  buckets = trainer.micro_batch_image_buckets(data_cfg, 8)
+  assert buckets == (0, 2, 4, 8)  # the pipeline's default for 8 rows: 0, B/4, B/2, B
+  iterator = pipeline.make_train_iterator(data_cfg, AutoTokenizer.from_pretrained(data["tokenizer"]), model_cfg)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  feeder = trainer.BatchFeeder(iterator, mesh, 2, buckets)  # 2 micro-batches of 8 rows
+  real, fed_counts, padded = set(), set(), None
+  for _ in range(10):
+    batch = jax.tree.map(np.asarray, feeder.next()[0])
+    fed_counts.add(batch["images"].shape[1])
+    n_real = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(axis=(1, 2))  # placeholders of each micro-batch
+    real.update(n_real.tolist())
+    if padded is None and n_real[0] < batch["images"].shape[1]:
+      padded = {k: v[0] for k, v in batch.items()}, int(n_real[0])
+  assert fed_counts <= set(buckets) and len(real) > len(fed_counts), (real, fed_counts)
+
+  # the padding images enter neither the splice nor the loss: the loss with only the real images is the same
+  micro, n = padded
+  assert n > 0 and not micro["images"][n:].any()
+
+  @jax.jit
+  def losses(bucketed, unbucketed):
+    model = LlavaModel(model_cfg, rngs=nnx.Rngs(0))
+    return jnp.stack([loss_sum(model, b, 64)[0] for b in (bucketed, unbucketed)])
+
+  with_padding, without = losses(micro, dict(micro, images=micro["images"][:n]))
+  np.testing.assert_allclose(with_padding, without, rtol=1e-6)
+
+
 @pytest.mark.parametrize("projector_type", ["linear", "mlp2x_gelu"])
 def test_stage1_projector_file_loads_into_llavas_mm_projector(projector_type, tmp_path):
   import dataclasses
