@@ -126,6 +126,12 @@ def answer_questions(model_dir: str, questions: list[dict], image_folder: str, *
   return out
 
 
+def _final_loss(result, stage_dir: str) -> float | None:
+  """The stage's last training loss; a stage resumed after its end trains nothing, so it is read from its metrics."""
+  from llava_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  return result.losses[-1] if result.losses else metrics.last_logged(stage_dir, "loss")
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> int:
   from llava_jax.train import trainer  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
@@ -172,8 +178,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> int:
                       demo_data.score_by_category(predictions, answers))
   summary = {"heldout_accuracy": results[False][0], "blank_image_accuracy": results[True][0],
              "by_category": results[False][1], "by_category_blank": results[True][1],
-             "stage1_final_loss": result1.losses[-1] if result1.losses else None,
-             "stage2_final_loss": result2.losses[-1] if result2.losses else None,
+             "stage1_final_loss": _final_loss(result1, stage1_dir),
+             "stage2_final_loss": _final_loss(result2, stage2_dir),
              "minutes": (time.perf_counter() - t0) / 60, "model": result2.model_dir}
   with open(os.path.join(workdir, "demo_result.json"), "w") as f:
     json.dump(summary, f, indent=1)

@@ -27,7 +27,10 @@ def test_demo_command_runs_both_stages_and_reports_accuracy(tmp_path):
   # The same command again resumes both finished stages (nothing is retrained) and reports the same accuracy.
   again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert json.load(open(tmp_path / "demo_result.json"))["heldout_accuracy"] == result["heldout_accuracy"]
+  resumed = json.load(open(tmp_path / "demo_result.json"))
+  for key in ("heldout_accuracy", "stage1_final_loss", "stage2_final_loss"):
+    assert resumed[key] == result[key], key
+  assert isinstance(resumed["stage1_final_loss"], float)
   for stage in ("stage1", "stage2"):
     rows = [json.loads(l) for l in open(tmp_path / stage / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r][-1] == 3 and len([r for r in rows if r["step"] == 3]) == 1

@@ -62,3 +62,16 @@ def _plain(value: Any) -> Any:
   if isinstance(value, bool):
     return value
   return float(value) if isinstance(value, float) else value
+
+
+def last_logged(workdir: str, key: str) -> Any:
+  """The last value of `key` in `workdir`/metrics.jsonl, or None (no file, or never logged)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  value = None
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      value = row.get(key, value)
+  return value
