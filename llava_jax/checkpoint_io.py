@@ -92,7 +92,7 @@ class StateDictReader(Mapping):
 
   def __init__(self, files: Iterable[pathlib.Path]):
     self.files = [pathlib.Path(f) for f in files]
-    self._where: dict[str, _FileReader] = {}
+    self._where: dict[str, _SafetensorsFile | _TorchFile] = {}
     for f in self.files:
       reader = _SafetensorsFile(f) if f.suffix == ".safetensors" else _TorchFile(f)
       for key in reader.keys():

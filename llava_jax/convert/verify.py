@@ -45,7 +45,6 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
 
 
 def verify(args: argparse.Namespace) -> int:
-  import jax.numpy as jnp
   import torch
   import transformers
   hf_dir = pathlib.Path(args.hf)

@@ -1,5 +1,4 @@
 """LLaVA against transformers' LlavaForConditionalGeneration (tiny random config, fp32), and the splice rules."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

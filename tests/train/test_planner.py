@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import jax
-import pytest
 
 from configs import stage2 as stage2_config
 from llava_jax import sharding
