@@ -392,8 +392,6 @@ class Engine:
                   jnp.int32(self.pad_token_id), graphdef=self.graphdef, prompt_len=batch["prompt_len"],
                   cache_len=batch["cache_len"], max_new=batch["max_new"], greedy=params.greedy,
                   cache_dtype=self.cache_dtype)
-    if params.ignore_eos:
-      ds = ds._replace(done=jnp.zeros_like(ds.done))
     return ds, batch["num_rows"]
 
   def advance(self, ds: DecodeState, params: SamplingParams, stop_step: int) -> DecodeState:
@@ -408,7 +406,7 @@ class Engine:
     return () if params.ignore_eos else tuple(dict.fromkeys(self.eos_token_ids + params.stop_token_ids))
 
   def _end_ids(self, params: SamplingParams) -> jax.Array:
-    # ignore_eos never reads them; an id outside the vocabulary keeps the shape non-empty.
+    # With ignore_eos there are none: -1, never a token, keeps the shape non-empty and ends no row.
     return jnp.asarray(self.end_ids(params) or (-1,), jnp.int32)
 
   def generate_ids(self, requests: Sequence[Request], params: SamplingParams = SamplingParams()

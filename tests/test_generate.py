@@ -76,6 +76,12 @@ def test_eos_ends_a_row_and_batch_rows_are_independent(small):
   by_eos_list = generate.Engine(nnx.merge(engine.graphdef, engine.state), eos_token_id=[unused, eos]
                                 ).generate_ids(requests, generate.SamplingParams(max_new_tokens=10))
   assert by_stop_id == by_eos_list == got
+  # ignore_eos: no id ends a row, not even one sampled first (the prefill's token)
+  first = free[0][0]
+  ignoring = generate.Engine(nnx.merge(engine.graphdef, engine.state), eos_token_id=first).generate_ids(
+      requests, generate.SamplingParams(max_new_tokens=10, ignore_eos=True, stop_token_ids=(free[1][0],)))
+  assert all(len(row) == 10 for row in ignoring)
+  assert [row[:len(f)] for row, f in zip(ignoring, free)] == free
 
 
 def test_eos_lists_are_kept_from_the_hf_config():
